@@ -1,0 +1,1 @@
+"""One module per ``simplebits`` subcommand (or subcommand group); each defines ``register``."""

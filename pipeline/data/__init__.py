@@ -1,0 +1,1 @@
+"""Cohorts: manifests, readers' MONAI transform chains, ingest cache, and the demo cohort."""

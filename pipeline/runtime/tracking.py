@@ -1,0 +1,146 @@
+"""MLflow tracking: embedded SQLite in the run folder by default, any tracking URI by config/env.
+
+Only the main process logs (DDP ranks > 0 get a no-op tracker). Nothing identifying is logged
+here by construction: callers pass pseudonymous study ids and resolved configs only.
+
+Resolution order for the tracking URI: explicit ``uri`` argument (from config) >
+``MLFLOW_TRACKING_URI`` env > ``sqlite:///<run_dir>/mlflow.db``. Artifacts of the embedded
+default live in ``<run_dir>/mlartifacts`` so a run folder is self-contained and portable.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+from pipeline.runtime.distributed import is_main_process
+
+log = logging.getLogger(__name__)
+
+DEFAULT_EXPERIMENT = "simplebits"
+_MAX_PARAM_LEN = 6000  # MLflow's param value limit
+
+
+def resolve_tracking_uri(run_dir: str | Path, uri: str | None = None) -> str:
+    if uri:
+        return uri
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    return f"sqlite:///{Path(run_dir).resolve() / 'mlflow.db'}"
+
+
+def flatten(params: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    """Nested config -> ``{"train.lr": "0.001", ...}`` for ``log_params``."""
+    out: dict[str, str] = {}
+    for key, value in params.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            out.update(flatten(value, f"{name}."))
+        else:
+            out[name] = str(value)[:_MAX_PARAM_LEN]
+    return out
+
+
+class Tracker:
+    """A thin, rank-aware wrapper over MLflow's client API (the fluent API is not thread-safe)."""
+
+    def __init__(
+        self,
+        run_dir: str | Path,
+        uri: str | None = None,
+        experiment: str = DEFAULT_EXPERIMENT,
+        enabled: bool | None = None,
+    ) -> None:
+        self.enabled = is_main_process() if enabled is None else enabled
+        self.run_dir = Path(run_dir)
+        self.uri = resolve_tracking_uri(run_dir, uri)
+        self.run_id: str | None = None
+        self._stack: list[str] = []
+        if not self.enabled:
+            return
+        import mlflow
+        from mlflow.tracking import MlflowClient
+
+        self._mlflow = mlflow
+        self.client = MlflowClient(tracking_uri=self.uri)
+        exp = self.client.get_experiment_by_name(experiment)
+        if exp is None:
+            artifact_location = None
+            if self.uri.startswith("sqlite:///") and "MLFLOW_TRACKING_URI" not in os.environ:
+                artifact_location = (self.run_dir.resolve() / "mlartifacts").as_uri()
+            self.experiment_id = self.client.create_experiment(experiment, artifact_location=artifact_location)
+        else:
+            self.experiment_id = exp.experiment_id
+
+    @contextlib.contextmanager
+    def run(
+        self,
+        name: str,
+        params: Mapping[str, Any] | None = None,
+        tags: Mapping[str, str] | None = None,
+        run_id: str | None = None,
+    ) -> Iterator[Tracker]:
+        """Start (or resume, with ``run_id``) a run; nested under the currently open run if any."""
+        if not self.enabled:
+            yield self
+            return
+        if run_id is None:
+            all_tags = dict(tags or {})
+            if self._stack:
+                all_tags["mlflow.parentRunId"] = self._stack[-1]
+            all_tags["mlflow.runName"] = name
+            run = self.client.create_run(self.experiment_id, run_name=name, tags=all_tags)
+            run_id = run.info.run_id
+        self._stack.append(run_id)
+        self.run_id = run_id
+        status = "FAILED"
+        try:
+            if params:
+                self.log_params(params)
+            yield self
+            status = "FINISHED"
+        finally:
+            self.client.set_terminated(run_id, status=status)
+            self._stack.pop()
+            self.run_id = self._stack[-1] if self._stack else None
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        if self.enabled and self.run_id:
+            from mlflow.entities import Param
+
+            flat = flatten(params)
+            items = [Param(k, v) for k, v in flat.items()]
+            for i in range(0, len(items), 100):
+                self.client.log_batch(self.run_id, params=items[i : i + 100])
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        if self.enabled and self.run_id:
+            import time
+
+            from mlflow.entities import Metric
+
+            now = int(time.time() * 1000)
+            items = [Metric(k, float(v), now, step or 0) for k, v in metrics.items()]
+            self.client.log_batch(self.run_id, metrics=items)
+
+    def set_tags(self, tags: Mapping[str, str]) -> None:
+        if self.enabled and self.run_id:
+            for key, value in tags.items():
+                self.client.set_tag(self.run_id, key, str(value))
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        if self.enabled and self.run_id:
+            path = Path(path)
+            if path.is_dir():
+                self.client.log_artifacts(self.run_id, str(path), artifact_path)
+            else:
+                self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+
+def null_tracker() -> Tracker:
+    """A tracker that logs nothing (tests, ``tracking.enabled: false``)."""
+    return Tracker(run_dir=".", uri="sqlite:///:memory:", enabled=False)
