@@ -1,0 +1,38 @@
+# Two commands do all the setup on a fresh machine (see README):
+#   make demo   install, then run the whole pipeline on the demo cohort
+#   make test   install, then run the test suite
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+RUN    ?= reports/demo
+
+.PHONY: install demo test browser clean-demo
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	# Exact torch pin first: on a CPU machine this is the local CPU wheel, never a multi-GB CUDA build.
+	$(BIN)/pip install torch==2.13.0
+	$(BIN)/pip install -e ".[demo,dev]"
+	# diffdrr and torchxrayvision without their declared dependencies: diffdrr's pull torchvision and
+	# through it a CUDA torch of several GB; we only import diffdrr.drr/diffdrr.data (needs torch, numpy,
+	# scipy, pandas, nibabel, fastcore, einops, torchio: installed via the [demo] extra above).
+	# torchxrayvision is used only for the real label CSVs in its wheel (test inputs), never imported.
+	$(BIN)/pip install --no-deps diffdrr==0.6.1 torchxrayvision==1.5.7
+	touch $@
+
+demo: install
+	$(BIN)/simplebits run --out $(RUN)
+
+# Debian's chromium drives the review-page browser test (Playwright's own browser download is offline-blocked).
+browser:
+	@command -v chromium >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null) \
+	  || echo "chromium could not be installed; browser tests will be skipped"
+
+test: install browser
+	OMP_NUM_THREADS=2 $(BIN)/python -m pytest -q
+
+clean-demo:
+	rm -rf $(RUN)
