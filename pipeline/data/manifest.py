@@ -1,0 +1,246 @@
+"""The cohort manifest: one CSV per cohort, one row per image (= study), fixed columns in fixed order.
+
+Schema (documented for users in ``data_manifests/README.md``):
+
+==============  ==========================================================================
+``study_id``    pseudonym ``std-<hex>``, unique per row
+``patient_id``  pseudonym ``pat-<hex>``
+``image_path``  absolute, or relative to the manifest file; kept exactly as written
+``view``        upper case (``PA``, ``AP``, ``LATERAL``, ``LL``, ...), empty if unknown
+``sex``         ``M``, ``F`` or empty
+``age``         years (float), empty if unknown
+``effusion``    ``1``, ``0`` or empty (unlabeled)
+``split``       ``train``, ``val`` or ``test``; a patient is never in two splits
+``source``      ``mimic-cxr-jpg``, ``chexpert``, ``nih``, ``folder`` or ``demo``
+==============  ==========================================================================
+
+In memory (what :func:`read_manifest` and :func:`validate_manifest` return): ``view``, ``sex``,
+``split``, ``source`` and the ids are ``str`` with ``""`` for unknown (so ``df.sex == "M"`` needs no
+NA handling), ``age`` is ``float64`` with NaN for unknown, ``effusion`` is pandas ``Int64`` with
+``<NA>`` for unlabeled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from pipeline.runtime.atomic import atomic_path
+
+log = logging.getLogger(__name__)
+
+MANIFEST_COLUMNS: tuple[str, ...] = (
+    "study_id", "patient_id", "image_path", "view", "sex", "age", "effusion", "split", "source",
+)
+SPLITS: tuple[str, ...] = ("train", "val", "test")
+SOURCES: tuple[str, ...] = ("mimic-cxr-jpg", "chexpert", "nih", "folder", "demo")
+SEXES: tuple[str, ...] = ("M", "F")
+DEFAULT_SPLIT_FRACTIONS: dict[str, float] = {"train": 0.7, "val": 0.15, "test": 0.15}
+
+_STUDY_ID = re.compile(r"^std-[0-9a-f]{8,64}$")
+_PATIENT_ID = re.compile(r"^pat-[0-9a-f]{8,64}$")
+_STRING_COLUMNS = ("study_id", "patient_id", "image_path", "view", "sex", "split", "source")
+
+
+class ManifestError(ValueError):
+    """A manifest or label file that breaks the schema; the message names the file and the reason."""
+
+
+def require_columns(df: pd.DataFrame, columns: Iterable[str], source: str | Path) -> None:
+    """Raise ``ManifestError: <source>: missing columns [...]`` unless all ``columns`` are present."""
+    missing = [c for c in columns if c not in df.columns]
+    if missing:
+        raise ManifestError(f"{source}: missing columns {missing}")
+
+
+def validate_manifest(
+    df: pd.DataFrame, source: str | Path = "<manifest>", extra_columns: Iterable[str] = ()
+) -> pd.DataFrame:
+    """Check ``df`` against the schema and return a normalised copy (column order, dtypes).
+
+    ``source`` names where ``df`` came from in error messages. Columns beyond
+    :data:`MANIFEST_COLUMNS` are errors unless listed in ``extra_columns`` (they are then kept,
+    after the schema columns). Normalisation is limited to what cannot change meaning: stripping
+    whitespace, upper-casing ``view`` and ``sex``, parsing ``age``/``effusion`` as numbers.
+    """
+    require_columns(df, MANIFEST_COLUMNS, source)
+    extra = list(extra_columns)
+    unexpected = [c for c in df.columns if c not in MANIFEST_COLUMNS and c not in extra]
+    if unexpected:
+        raise ManifestError(f"{source}: undocumented extra columns {unexpected}")
+
+    out = df.loc[:, [*MANIFEST_COLUMNS, *[c for c in extra if c in df.columns]]].copy()
+    out.index = pd.RangeIndex(len(out))
+    for column in _STRING_COLUMNS:
+        out[column] = _as_text(out[column])
+    out["view"] = out["view"].str.upper()
+    out["sex"] = out["sex"].str.upper()
+    out["age"] = _as_float(out["age"], "age", source)
+    out["effusion"] = _as_binary(out["effusion"], "effusion", source)
+
+    _check_pattern(out, "study_id", _STUDY_ID, source)
+    _check_pattern(out, "patient_id", _PATIENT_ID, source)
+    duplicated = out["study_id"][out["study_id"].duplicated()].unique().tolist()
+    if duplicated:
+        raise ManifestError(f"{source}: study_id not unique, e.g. {duplicated[:5]}")
+    empty_paths = out.index[out["image_path"] == ""].tolist()
+    if empty_paths:
+        raise ManifestError(f"{source}: empty image_path in rows {empty_paths[:5]}")
+    _check_values(out, "sex", (*SEXES, ""), source)
+    _check_values(out, "split", SPLITS, source)
+    _check_values(out, "source", SOURCES, source)
+    bad_views = out.index[out["view"].str.contains(r"[^A-Z0-9 _]", regex=True)].tolist()
+    if bad_views:
+        raise ManifestError(f"{source}: view must be upper-case words, rows {bad_views[:5]}")
+    negative_age = out.index[out["age"] < 0].tolist()
+    if negative_age:
+        raise ManifestError(f"{source}: negative age in rows {negative_age[:5]}")
+    splits_per_patient = out.groupby("patient_id")["split"].nunique()
+    leaking = splits_per_patient.index[splits_per_patient > 1].tolist()
+    if leaking:
+        raise ManifestError(f"{source}: patients in more than one split, e.g. {leaking[:5]}")
+    return out
+
+
+def read_manifest(path: str | Path, extra_columns: Iterable[str] = ()) -> pd.DataFrame:
+    """Read and validate a manifest CSV. ``image_path`` is returned as written (not resolved)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ManifestError(f"{path}: manifest not found")
+    try:
+        df = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
+        raise ManifestError(f"{path}: not a readable CSV ({err})") from err
+    return validate_manifest(df, source=path, extra_columns=extra_columns)
+
+
+def write_manifest(df: pd.DataFrame, path: str | Path, extra_columns: Iterable[str] = ()) -> Path:
+    """Validate ``df`` and write it atomically; unknown values become empty cells."""
+    path = Path(path)
+    out = validate_manifest(df, source=path, extra_columns=extra_columns)
+    with atomic_path(path) as tmp:
+        out.to_csv(tmp, index=False, na_rep="", lineterminator="\n")
+    return path
+
+
+def resolve_image_paths(df: pd.DataFrame, manifest_path: str | Path) -> pd.Series:
+    """Absolute image paths: relative entries are taken relative to the manifest's folder."""
+    base = Path(manifest_path).resolve().parent
+    return df["image_path"].map(lambda p: str(Path(p) if Path(p).is_absolute() else base / p))
+
+
+def unit_hash(keys: Iterable[str], seed: int) -> np.ndarray:
+    """A stable number in [0, 1) per key, from SHA-256 of ``"<seed>:<key>"``.
+
+    Independent of row order, of the other keys and of Python's hash randomisation, so a key's
+    value never changes when keys are added or removed.
+    """
+    values = [
+        int.from_bytes(hashlib.sha256(f"{seed}:{key}".encode("utf-8")).digest()[:8], "big") / 2.0**64
+        for key in keys
+    ]
+    return np.asarray(values, dtype=np.float64)
+
+
+def assign_patient_splits(
+    df: pd.DataFrame, fractions: Mapping[str, float] | None = None, seed: int = 0
+) -> pd.DataFrame:
+    """Return a copy with ``split`` set per patient from a hash of ``patient_id`` and ``seed``.
+
+    Each patient gets a stable number in [0, 1) (:func:`unit_hash`); the splits take consecutive
+    intervals of lengths ``fractions`` (in the order train, val, test). Adding patients therefore
+    never moves existing ones, and all images of a patient land in the same split. Split sizes
+    follow ``fractions`` only in expectation, so tiny cohorts may get an empty split (logged).
+    """
+    fractions = dict(DEFAULT_SPLIT_FRACTIONS if fractions is None else fractions)
+    unknown = [name for name in fractions if name not in SPLITS]
+    if unknown:
+        raise ValueError(f"unknown split names {unknown}; expected a subset of {list(SPLITS)}")
+    if any(value < 0 for value in fractions.values()):
+        raise ValueError(f"split fractions must be non-negative, got {fractions}")
+    if not np.isclose(sum(fractions.values()), 1.0):
+        raise ValueError(f"split fractions must sum to 1, got {fractions}")
+
+    names = [name for name in SPLITS if fractions.get(name, 0.0) > 0]
+    edges = np.cumsum([fractions[name] for name in names])
+    edges[-1] = 1.0  # float round-off must not leave patients beyond the last edge
+    patients = pd.unique(df["patient_id"])
+    positions = np.searchsorted(edges, unit_hash(patients, seed), side="right")
+    by_patient = dict(zip(patients, np.asarray(names, dtype=object)[positions]))
+
+    out = df.copy()
+    out["split"] = out["patient_id"].map(by_patient).astype(object)
+    empty = [name for name in names if not (out["split"] == name).any()]
+    if empty and len(out):
+        log.warning("splits %s are empty (%d patients); consider other fractions", empty, len(patients))
+    return out
+
+
+def balance_classes(df: pd.DataFrame, column: str, seed: int = 0) -> pd.DataFrame:
+    """Downsample the majority class of ``column`` within each split to the minority's size.
+
+    Rows whose label is unknown (NA or ``""``) are dropped, since they belong to no class. Which
+    rows are kept is decided by :func:`unit_hash` of ``study_id``, so it is deterministic and does
+    not depend on row order. A split with a single class keeps no rows of it (nothing to balance
+    against) and is logged.
+    """
+    if column not in df.columns:
+        raise ValueError(f"cannot balance on {column!r}: not a manifest column")
+    known = df[column].notna() & (df[column].astype(str) != "")
+    labelled = df.loc[known].copy()
+    labelled["_rank"] = unit_hash(labelled["study_id"], seed)
+    kept = []
+    for split, rows in labelled.groupby("split", sort=False):
+        counts = rows[column].value_counts()
+        if len(counts) < 2:
+            log.warning("split %r has a single %s class; no rows kept when balancing", split, column)
+            continue
+        per_class = int(counts.min())
+        for _, members in rows.groupby(column, sort=False):
+            kept.append(members.nsmallest(per_class, "_rank"))
+    if not kept:
+        return df.iloc[0:0].copy()
+    out = pd.concat(kept).sort_index().drop(columns="_rank")
+    return out
+
+
+def _as_text(values: pd.Series) -> pd.Series:
+    """Stripped strings with ``""`` for missing values (None, NaN, NA)."""
+    return values.astype(object).where(values.notna(), "").astype(str).str.strip().astype(object)
+
+
+def _as_float(values: pd.Series, column: str, source: str | Path) -> pd.Series:
+    text = _as_text(values)
+    parsed = pd.to_numeric(text.replace("", np.nan), errors="coerce").astype("float64")
+    bad = text.index[(text != "") & parsed.isna()].tolist()
+    if bad:
+        raise ManifestError(f"{source}: {column} is not a number in rows {bad[:5]}")
+    return parsed
+
+
+def _as_binary(values: pd.Series, column: str, source: str | Path) -> pd.Series:
+    parsed = _as_float(values, column, source)
+    bad = parsed.index[parsed.notna() & ~parsed.isin([0.0, 1.0])].tolist()
+    if bad:
+        raise ManifestError(f"{source}: {column} must be 1, 0 or empty, rows {bad[:5]}")
+    return parsed.astype("Int64")
+
+
+def _check_pattern(df: pd.DataFrame, column: str, pattern: re.Pattern[str], source: str | Path) -> None:
+    bad = df.index[~df[column].str.fullmatch(pattern.pattern)].tolist()
+    if bad:
+        raise ManifestError(
+            f"{source}: {column} must be a pseudonym matching {pattern.pattern}, rows {bad[:5]}"
+        )
+
+
+def _check_values(df: pd.DataFrame, column: str, allowed: tuple[str, ...], source: str | Path) -> None:
+    bad = sorted(set(df[column]) - set(allowed))
+    if bad:
+        raise ManifestError(f"{source}: {column} has values {bad[:5]}; allowed {list(allowed)}")
