@@ -1,0 +1,1 @@
+"""Reading and writing pixels: radiograph reader (DICOM/PNG/JPEG) and DICOM output."""
