@@ -6,6 +6,10 @@ here by construction: callers pass pseudonymous study ids and resolved configs o
 Resolution order for the tracking URI: explicit ``uri`` argument (from config) >
 ``MLFLOW_TRACKING_URI`` env > ``sqlite:///<run_dir>/mlflow.db``. Artifacts of the embedded
 default live in ``<run_dir>/mlartifacts`` so a run folder is self-contained and portable.
+
+Beyond params/metrics/tags: model files (safetensors + json, no pickle) under ``models/<name>/``,
+pandas tables as MLflow dataset inputs, and per-study report folders under ``studies/<study_id>/``.
+Values shaped like a DICOM person name (``FAMILY^GIVEN``) are refused as params or tags.
 """
 
 from __future__ import annotations
@@ -13,16 +17,36 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from collections.abc import Iterator, Mapping
+import re
+import warnings
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pipeline.runtime.distributed import is_main_process
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 log = logging.getLogger(__name__)
 
 DEFAULT_EXPERIMENT = "simplebits"
 _MAX_PARAM_LEN = 6000  # MLflow's param value limit
+#: A DICOM person name ("FAMILY^GIVEN"): such a value in a param or tag means an identifier leaked.
+_PERSON_NAME = re.compile(r"[A-Za-z][A-Za-z' .-]*\^[A-Za-z]")
+MODELS_ARTIFACT_DIR = "models"
+STUDIES_ARTIFACT_DIR = "studies"
+
+
+class IdentifierLeakError(ValueError):
+    """A value about to be logged looks like a patient name; refused rather than stored."""
+
+
+def refuse_person_names(values: Mapping[str, str]) -> None:
+    """Raise :class:`IdentifierLeakError` for values shaped like a DICOM PatientName (``DOE^JANE``)."""
+    for key, value in values.items():
+        if _PERSON_NAME.search(str(value)):
+            raise IdentifierLeakError(f"refusing to log {key!r}: its value looks like a DICOM person name")
 
 
 def resolve_tracking_uri(run_dir: str | Path, uri: str | None = None) -> str:
@@ -90,6 +114,7 @@ class Tracker:
             return
         if run_id is None:
             all_tags = dict(tags or {})
+            refuse_person_names(all_tags)
             if self._stack:
                 all_tags["mlflow.parentRunId"] = self._stack[-1]
             all_tags["mlflow.runName"] = name
@@ -113,6 +138,7 @@ class Tracker:
             from mlflow.entities import Param
 
             flat = flatten(params)
+            refuse_person_names(flat)
             items = [Param(k, v) for k, v in flat.items()]
             for i in range(0, len(items), 100):
                 self.client.log_batch(self.run_id, params=items[i : i + 100])
@@ -129,6 +155,7 @@ class Tracker:
 
     def set_tags(self, tags: Mapping[str, str]) -> None:
         if self.enabled and self.run_id:
+            refuse_person_names(tags)
             for key, value in tags.items():
                 self.client.set_tag(self.run_id, key, str(value))
 
@@ -139,6 +166,69 @@ class Tracker:
                 self.client.log_artifacts(self.run_id, str(path), artifact_path)
             else:
                 self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def log_model_files(self, name: str, files: Iterable[str | Path]) -> str | None:
+        """Model files (``.safetensors`` weights + ``.json`` config) as artifacts under ``models/<name>/``.
+
+        state_dict files are the primary, loadable format (no pickle). Returns the artifact path.
+        """
+        files = [Path(f) for f in files]
+        for path in files:
+            if not path.is_file():
+                raise FileNotFoundError(f"{path}: model file not found")
+        if not (self.enabled and self.run_id):
+            return None
+        artifact_path = f"{MODELS_ARTIFACT_DIR}/{name}"
+        for path in files:
+            self.client.log_artifact(self.run_id, str(path), artifact_path)
+        return artifact_path
+
+    def download_model_files(self, name: str, dst: str | Path, run_id: str | None = None) -> Path:
+        """Fetch ``models/<name>/`` of ``run_id`` (default: the open run) into ``dst``; returns the folder."""
+        run_id = run_id or self.run_id
+        if not (self.enabled and run_id):
+            raise RuntimeError("no run to download model files from")
+        Path(dst).mkdir(parents=True, exist_ok=True)
+        local = self.client.download_artifacts(run_id, f"{MODELS_ARTIFACT_DIR}/{name}", str(dst))
+        return Path(local)
+
+    def log_dataset(
+        self,
+        df: pd.DataFrame,
+        name: str,
+        context: str,
+        targets: str | None = None,
+        source: str | None = None,
+    ) -> None:
+        """``df`` as an MLflow dataset input (name, digest, schema, profile) with ``context`` (e.g. "training")."""
+        if not (self.enabled and self.run_id):
+            return
+        import mlflow.data
+        from mlflow.entities import DatasetInput, InputTag
+        from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+        with warnings.catch_warnings():
+            # MLflow hints about integer columns and missing values (schema inference): not actionable here.
+            warnings.simplefilter("ignore", UserWarning)
+            dataset = mlflow.data.from_pandas(df, source=source, targets=targets, name=name)
+            entity = DatasetInput(dataset._to_mlflow_entity(), tags=[InputTag(MLFLOW_DATASET_CONTEXT, context)])
+        self.client.log_inputs(self.run_id, datasets=[entity])
+
+    def log_study_reports(self, studies_dir: str | Path, study_ids: Iterable[str] | None = None) -> int:
+        """Per-study report folders as artifacts ``studies/<study_id>/...``; returns how many were logged."""
+        studies_dir = Path(studies_dir)
+        if not studies_dir.is_dir():
+            raise FileNotFoundError(f"{studies_dir}: studies folder not found")
+        wanted = None if study_ids is None else set(study_ids)
+        folders = sorted(p for p in studies_dir.iterdir() if p.is_dir() and (wanted is None or p.name in wanted))
+        if not (self.enabled and self.run_id):
+            return 0
+        if wanted is None:  # one upload of the whole tree keeps the folder-per-study layout
+            self.client.log_artifacts(self.run_id, str(studies_dir), STUDIES_ARTIFACT_DIR)
+            return len(folders)
+        for folder in folders:
+            self.client.log_artifacts(self.run_id, str(folder), f"{STUDIES_ARTIFACT_DIR}/{folder.name}")
+        return len(folders)
 
 
 def null_tracker() -> Tracker:

@@ -1,0 +1,110 @@
+"""``simplebits report RUN_DIR``: per-study reports, the cohort report, optional DICOM SC export."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+
+from pydantic import Field
+
+from pipeline.config import StrictModel, add_config_arguments, config_from_args
+
+log = logging.getLogger(__name__)
+
+
+class CohortSection(StrictModel):
+    families: list[str] = Field(default_factory=lambda: ["sex", "age_band", "view", "source"])
+    min_subgroup_size: int = Field(1, ge=1)
+    sweep: str | None = None
+
+
+class DicomSection(StrictModel):
+    enabled: bool = False
+    allow_identity: bool = False
+
+
+class TrackingSection(StrictModel):
+    enabled: bool = True
+    uri: str | None = None
+
+
+class ReportConfig(StrictModel):
+    simplify: str = "joint-effusion"
+    splits: list[str] | None = None
+    tile: int = Field(256, ge=32, le=2048)
+    overwrite: bool = False
+    class_names: dict[str, tuple[str, str]] = Field(default_factory=dict)
+    cohort: CohortSection = Field(default_factory=CohortSection)
+    dicom: DicomSection = Field(default_factory=DicomSection)
+    tracking: TrackingSection = Field(default_factory=TrackingSection)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "report", help="per-study panels, cohort report (HTML), optional DICOM Secondary Captures",
+        description="Writes RUN_DIR/studies/<id>/ and RUN_DIR/cohort_report/index.html.",
+    )
+    parser.add_argument("run_dir", help="run folder (e.g. reports/demo)")
+    parser.add_argument("--simplify", help="simplify/<setting>-<task> folder name (default: config)")
+    parser.add_argument("--sweep", help="trade-off table (CSV/JSON): method, strength|lam, mean_bpd, auroc")
+    parser.add_argument("--dicom", action="store_true", default=None, help="also write DICOM Secondary Captures")
+    parser.add_argument("--allow-identity", action="store_true", default=None,
+                        help="copy patient identity from the source DICOM into the Secondary Captures")
+    parser.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
+    add_config_arguments(parser, "report")
+    parser.set_defaults(func=run_report)
+
+
+def read_sweep(path: str | Path):
+    """A trade-off table from CSV or JSON (records); errors name the file."""
+    import pandas as pd
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: trade-off table not found")
+    return pd.read_json(path) if path.suffix.lower() == ".json" else pd.read_csv(path)
+
+
+def run_report(args: argparse.Namespace) -> int:
+    from pipeline.config import save_resolved_config
+    from pipeline.report.html import write_run_cohort_report
+    from pipeline.report.study import write_run_study_reports
+    from pipeline.runtime.tracking import Tracker
+
+    config = config_from_args(
+        ReportConfig, args, simplify=args.simplify, **{
+            "cohort.sweep": args.sweep, "dicom.enabled": args.dicom, "dicom.allow_identity": args.allow_identity,
+        },
+    )
+    run_dir = Path(args.run_dir)
+    save_resolved_config(config, run_dir / "cohort_report", name="report.config.yaml")
+    class_names = config.class_names or None
+    studies = write_run_study_reports(run_dir, config.simplify, config.splits, class_names, config.tile,
+                                      config.overwrite)
+    sweep = None
+    if config.cohort.sweep:
+        sweep_path = Path(config.cohort.sweep)
+        sweep = read_sweep(sweep_path if sweep_path.is_absolute() else run_dir / sweep_path)
+    index = write_run_cohort_report(
+        run_dir, config.simplify, sweep, tuple(config.splits) if config.splits else None, class_names,
+        tuple(config.cohort.families), config.cohort.min_subgroup_size,
+    )
+    summary = {"studies": len(studies), "cohort_report": str(index)}
+    if config.dicom.enabled:
+        from pipeline.io.dicom_write import write_run_secondary_captures
+
+        summary["secondary_captures"] = len(
+            write_run_secondary_captures(run_dir, config.simplify, config.dicom.allow_identity))
+    if config.tracking.enabled and not args.no_mlflow:
+        tracker = Tracker(run_dir, uri=config.tracking.uri)
+        with tracker.run(f"report-{config.simplify}", params=config.model_dump(mode="json")):
+            import pandas as pd
+
+            table = pd.read_parquet(run_dir / "cohort_report" / "studies.parquet")
+            tracker.log_dataset(table, name=f"studies-{config.simplify}", context="evaluation", targets="label")
+            tracker.log_artifact(run_dir / "cohort_report", "cohort_report")
+            tracker.log_study_reports(run_dir / "studies")
+    print(json.dumps(summary, indent=2))
+    return 0

@@ -1,0 +1,256 @@
+"""The self-contained cohort report: ``cohort_report/index.html`` plus tables and plots.
+
+One HTML file with inline CSS/JS and the plots embedded, so it can be mailed or opened from a
+share without a server; the study gallery links the per-study panels under ``studies/`` by
+relative path. Written for radiologists: short explanations before each number.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import math
+from collections.abc import Mapping
+from datetime import datetime, timezone
+from pathlib import Path
+from string import Template
+from typing import Any
+
+import pandas as pd
+
+from pipeline.report import cohort
+from pipeline.report.study import PANEL_NAME
+from pipeline.runtime.atomic import atomic_write_text
+
+TEMPLATE = Path(__file__).parent / "templates" / "cohort.html"
+REPORT_DIR = "cohort_report"
+#: What the classifier recognises, in words, per task (falls back to the positive class name).
+TASK_DESCRIPTIONS = {"effusion": "pleural effusion", "sex": "the patient's sex"}
+
+EXPLAINER = """
+<p class="explain"><b>What was done.</b> A <i>classifier</i> was trained to recognise {task_text} on the
+radiographs. A second network, the <i>simplifier</i>, then rewrote every image so that it contains as
+little information as possible while the classifier still gives the same answer. What survives
+simplification is, roughly, what the classifier relies on; what is removed it did not need.</p>
+<p class="explain"><b>Bits per pixel (bpd)</b> measure how much information an image holds: a model of
+typical radiographs (the <i>density prior</i>) assigns every image a code length, the number of bits a
+compressor would need for it, divided by the number of pixels. Lower means simpler, more predictable
+content. <b>Bits saved</b> is the whole-image difference between original and simplified.</p>
+<p class="explain"><b>AUROC</b> (area under the ROC curve) measures how well the classifier separates
+positive from negative studies: 1.0 is perfect, 0.5 is chance. The simplified images are
+<b>research outputs, not for diagnosis</b>.</p>
+"""
+
+
+def _fmt(value: Any, digits: int = 3) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return html.escape(str(value))
+
+
+def html_table(frame: pd.DataFrame, columns: Mapping[str, str], digits: int = 3) -> str:
+    """A plain HTML table of the given ``{column: header}`` (all values escaped)."""
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in columns.values())
+    def cell(value: Any) -> str:
+        text_class = ' class="l"' if isinstance(value, str) else ""  # text left, numbers right
+        return f"<td{text_class}>{_fmt(value, digits)}</td>"
+
+    body = "".join("<tr>" + "".join(cell(row.get(c)) for c in columns) + "</tr>" for row in frame.to_dict("records"))
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _data_uri(png: Path) -> str:
+    return "data:image/png;base64," + base64.b64encode(png.read_bytes()).decode("ascii")
+
+
+def _figure(png: Path, caption: str) -> str:
+    return (f'<figure><img class="plot" src="{_data_uri(png)}" alt="{html.escape(caption)}">'
+            f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+
+
+def _card(key: str, original: float, simplified: float, digits: int = 3) -> str:
+    return (f'<div class="card"><div class="k">{html.escape(key)}</div>'
+            f'<div class="v">{_fmt(simplified, digits)} <small>simplified</small></div>'
+            f'<div class="k">{_fmt(original, digits)} on the originals</div></div>')
+
+
+def _gallery(table: pd.DataFrame, studies_href: str, positive_name: str) -> str:
+    cards = []
+    for row in table.sort_values("study_id").to_dict("records"):
+        sid = html.escape(str(row["study_id"]))
+        label = None if pd.isna(row["label"]) else int(row["label"])
+        truth = ("unlabelled" if label is None else positive_name if label else f"no {positive_name}")
+        tags = f'<span class="tag {"pos" if label else "neg"}">{html.escape(truth)}</span>'
+        verdicts = {}
+        for which in ("simpl", "orig"):
+            ok = row[f"correct_{which}"]
+            verdicts[which] = "" if pd.isna(ok) else str(int(bool(ok)))
+            if verdicts[which]:
+                word = "simplified" if which == "simpl" else "original"
+                tags += (f'<span class="tag {"ok" if ok else "bad"}">{word} '
+                         f'{"correct" if ok else "wrong"}</span>')
+        bits = row.get("bits_saved", row["bpd_drop"])
+        href = f"{studies_href}/{sid}/{PANEL_NAME}"
+        cards.append(
+            f'<div class="study" data-id="{sid}" data-label="{"" if label is None else label}" '
+            f'data-correct-orig="{verdicts["orig"]}" data-correct-simpl="{verdicts["simpl"]}" '
+            f'data-flip="{int(row["pred_orig"] != row["pred_simpl"])}" data-bits="{float(bits):.3f}" '
+            f'data-pchange="{abs(float(row["p_simpl"]) - float(row["p_orig"])):.4f}">'
+            f'<a href="{href}"><img loading="lazy" src="{href}" alt="study {sid}"></a>'
+            f'<div class="meta"><b>{sid}</b> {tags}<br>P original {float(row["p_orig"]):.2f} → simplified '
+            f'{float(row["p_simpl"]):.2f} · bpd {float(row["bpd_orig"]):.2f} → {float(row["bpd_simpl"]):.2f}</div></div>'
+        )
+    toolbar = (
+        '<div class="toolbar"><label>Show <select id="g-filter">'
+        '<option value="all">all studies</option><option value="misclassified">misclassified (original or simplified)</option>'
+        '<option value="flipped">answer changed by simplification</option>'
+        f'<option value="positive">{html.escape(positive_name)} present</option>'
+        f'<option value="negative">{html.escape(positive_name)} absent</option></select></label>'
+        '<label>Sort by <select id="g-sort"><option value="-bits">most bits saved</option>'
+        '<option value="bits">fewest bits saved</option><option value="-pchange">largest probability change</option>'
+        '<option value="id">study id</option></select></label>'
+        '<label>Study id <input id="g-search" type="search" placeholder="std-…"></label>'
+        '<span class="count" id="g-count"></span></div>'
+    )
+    return toolbar + '<div class="gallery" id="gallery">' + "".join(cards) + "</div>"
+
+
+def render_cohort_html(
+    table: pd.DataFrame,
+    subgroups: pd.DataFrame,
+    plots: Mapping[str, Path],
+    task: str,
+    setting: str,
+    positive_name: str,
+    run_dir_hint: str = "RUN_DIR",
+    studies_href: str = "../studies",
+) -> str:
+    """The report page as a string. ``plots`` maps ``tradeoff|bpd_hist|subgroups`` to PNG files."""
+    overall = cohort.summarise(table).iloc[0]
+    by_label = cohort.summarise(table, by="label")
+    by_label["label"] = by_label["label"].map(
+        lambda v: "unlabelled" if pd.isna(v) else positive_name if v == 1 else f"no {positive_name}")
+    ms_orig = cohort.macro_std(subgroups, "auroc_orig")
+    ms_simpl = cohort.macro_std(subgroups, "auroc_simpl")
+    bits_col = "bits_saved" if "bits_saved" in table else "bpd_drop"
+    perf_cols = {"n": "studies", "n_positive": positive_name, "auroc_orig": "AUROC original",
+                 "auroc_simpl": "AUROC simplified", "accuracy_orig": "accuracy original",
+                 "accuracy_simpl": "accuracy simplified", "mean_bpd_orig": "bpd original",
+                 "mean_bpd_simpl": "bpd simplified"}
+    sections = [
+        f"<section><h2>How to read this report</h2>"
+        f"{EXPLAINER.format(task_text=html.escape(TASK_DESCRIPTIONS.get(task, positive_name)))}</section>",
+        "<section><h2>Key numbers</h2><div class=\"cards\">"
+        + _card("AUROC", overall["auroc_orig"], overall["auroc_simpl"])
+        + _card("accuracy", overall["accuracy_orig"], overall["accuracy_simpl"])
+        + _card("mean bits per pixel", overall["mean_bpd_orig"], overall["mean_bpd_simpl"], 2)
+        + _card("MacroStd of AUROC across subgroups", ms_orig, ms_simpl)
+        + f'<div class="card"><div class="k">mean bits saved per image</div>'
+          f'<div class="v">{float(table[bits_col].mean()):,.0f}</div>'
+          f'<div class="k">{len(table)} studies</div></div></div></section>',
+        "<section><h2>By finding</h2><p class=\"explain\">Per true label: how often the classifier is right, "
+        "and how many bits the images cost before and after simplification.</p>"
+        + html_table(by_label, {"label": "truth", **{k: v for k, v in perf_cols.items() if "auroc" not in k}})
+        + "</section>",
+    ]
+    subgroup_section = (
+        "<section><h2>Subgroups</h2><p class=\"explain\">Does the classifier work equally well for all patients? "
+        "AUROC per sex, age band, view and data source. <b>MacroStd</b> summarises the discrepancy: "
+        "the spread (standard deviation) of AUROC across the subgroups of each family, averaged over "
+        "families; 0 means equal performance. Small subgroups give noisy numbers.</p>"
+        + html_table(subgroups.assign(family=subgroups["family"].map(lambda f: cohort.FAMILY_NAMES.get(f, f))),
+                     {"family": "family", "subgroup": "subgroup", **perf_cols})
+    )
+    if "subgroups" in plots:
+        subgroup_section += '<div class="plots">' + _figure(plots["subgroups"], "AUROC by subgroup") + "</div>"
+    sections.append(subgroup_section + "</section>")
+    figures = []
+    if "tradeoff" in plots:
+        figures.append(_figure(plots["tradeoff"], "Trade-off: simpler inputs (left) against AUROC, for SimpleBits "
+                                                  "at several strengths λ and for baselines (blur, JPEG, …)."))
+    if "bpd_hist" in plots:
+        figures.append(_figure(plots["bpd_hist"], "Code length of each image before and after simplification."))
+    if figures:
+        sections.append("<section><h2>Simplicity and performance</h2><div class=\"plots\">"
+                        + "".join(figures) + "</div></section>")
+    sections.append(
+        "<section><h2>Studies</h2><p class=\"explain\">Each panel shows the original, the simplified image and "
+        "a colour map of what changed (red = brighter, blue = darker after simplification). Click a panel to "
+        "enlarge it.</p>" + _gallery(table, studies_href, positive_name) + "</section>"
+    )
+    hint = html.escape(run_dir_hint)
+    sections.append(
+        "<section><h2>Data and next steps</h2><ul>"
+        '<li>All studies as a table: <a href="studies.csv">studies.csv</a> · <a href="studies.parquet">studies.parquet</a></li>'
+        f"<li>Rate the simplified images side by side with the originals:<pre>simplebits review {hint}</pre></li>"
+        f"<li>Browse runs, metrics and artifacts in MLflow:<pre>mlflow ui --backend-store-uri sqlite:///{hint}/mlflow.db</pre></li>"
+        "</ul></section>"
+    )
+    when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    return Template(TEMPLATE.read_text()).substitute(
+        title=html.escape(f"SimpleBits cohort report: {positive_name} ({setting} simplification)"),
+        subtitle=html.escape(f"{len(table)} studies · classifier task: {task} · generated {when} · "
+                             "research output, not for diagnosis"),
+        body="\n".join(sections),
+    )
+
+
+def write_cohort_report(
+    out_dir: str | Path,
+    table: pd.DataFrame,
+    task: str,
+    setting: str,
+    positive_name: str,
+    sweep: pd.DataFrame | None = None,
+    families: tuple[str, ...] = cohort.SUBGROUP_FAMILIES,
+    min_subgroup_size: int = 1,
+    run_dir_hint: str = "RUN_DIR",
+    studies_href: str = "../studies",
+) -> Path:
+    """Tables, plots and ``index.html`` into ``out_dir`` (normally ``RUN_DIR/cohort_report``)."""
+    out_dir = Path(out_dir)
+    cohort.write_study_table(table, out_dir)
+    subgroups = cohort.subgroup_performance(table, families, min_subgroup_size)
+    atomic_write_text(out_dir / "subgroups.csv", subgroups.to_csv(index=False))
+    plots = {"bpd_hist": cohort.plot_bpd_histograms(table, out_dir / "plots" / "bpd_hist.png")}
+    if len(subgroups):
+        plots["subgroups"] = cohort.plot_subgroup_auroc(subgroups, out_dir / "plots" / "subgroups.png")
+    if sweep is not None and len(sweep):
+        plots["tradeoff"] = cohort.plot_tradeoff(sweep, out_dir / "plots" / "tradeoff.png")
+    page = render_cohort_html(table, subgroups, plots, task, setting, positive_name, run_dir_hint, studies_href)
+    atomic_write_text(out_dir / "index.html", page)
+    return out_dir / "index.html"
+
+
+def write_run_cohort_report(
+    run_dir: str | Path,
+    simplify_name: str,
+    sweep: pd.DataFrame | None = None,
+    splits: tuple[str, ...] | None = None,
+    class_names: Mapping[str, tuple[str, str]] | None = None,
+    families: tuple[str, ...] = cohort.SUBGROUP_FAMILIES,
+    min_subgroup_size: int = 1,
+) -> Path:
+    """The cohort report of one simplification run, into ``RUN_DIR/cohort_report``."""
+    from pipeline.report.study import (
+        DEFAULT_CLASS_NAMES, load_uint8_image, parse_simplify_name, read_manifest, read_predictions,
+    )
+
+    run_dir = Path(run_dir)
+    sim_dir = run_dir / "simplify" / simplify_name
+    setting, task = parse_simplify_name(simplify_name)
+    predictions = read_predictions(sim_dir / "predictions.csv")
+    if splits is not None:
+        predictions = predictions[predictions["split"].isin(list(splits))]
+    if predictions.empty:
+        raise ValueError(f"{sim_dir / 'predictions.csv'}: no studies to report (splits={splits})")
+    first = predictions["study_id"].iloc[0]
+    dims = load_uint8_image(sim_dir / "simplified" / f"{first}.npy").size
+    table = cohort.build_study_table(predictions, read_manifest(run_dir), dims=dims, task=task)
+    names = {**DEFAULT_CLASS_NAMES, **(class_names or {})}.get(task, ("negative", "positive"))
+    return write_cohort_report(
+        run_dir / REPORT_DIR, table, task, setting, names[1], sweep, families, min_subgroup_size,
+        run_dir_hint=str(run_dir),
+    )

@@ -1,0 +1,1 @@
+"""Radiologist review: local server, single-page app (``static/``), SQLite ratings store."""

@@ -1,0 +1,110 @@
+"""A small synthetic run folder in the layout of ARCHITECTURE.md, for the report/review tests (helpers + fixtures).
+
+Imported by name (``from synthetic_run import ...``) rather than from ``conftest``: several conftest modules
+exist in this test tree, and ``import conftest`` would pick whichever pytest loaded last.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy.ndimage import gaussian_filter
+
+from pipeline.data.pseudonym import patient_pseudonym, study_pseudonym
+
+SIMPLIFY_NAME = "joint-effusion"
+
+
+def synthetic_radiograph(rng: np.random.Generator, size: int, effusion: bool) -> np.ndarray:
+    """A chest-like uint8 image: bright mediastinum/soft tissue, two dark lungs, optional basal fluid."""
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    image = 0.75 + 0.05 * rng.standard_normal((size, size))
+    for cx in (0.3, 0.7):
+        lung = ((xx - cx) / 0.16) ** 2 + ((yy - 0.5) / 0.32) ** 2 < 1
+        image[lung] -= 0.45
+    if effusion:
+        fluid = (((xx - 0.7) / 0.16) ** 2 + ((yy - 0.5) / 0.32) ** 2 < 1) & (yy > 0.68 - 0.05 * (xx - 0.7))
+        image[fluid] += 0.35
+    image = gaussian_filter(image, 0.8)
+    return (np.clip(image, 0, 1) * 255).round().astype(np.uint8)
+
+
+def make_run_folder(root: Path, n_studies: int = 12, size: int = 32, seed: int = 0) -> Path:
+    """``root`` gets ingest/{manifest.csv,cache/} and simplify/joint-effusion/{predictions.csv,simplified/}.
+
+    ``predictions.csv`` has the columns ``simplebits apply`` writes (the task's label column ``effusion``
+    instead of ``label``, plus ``sex`` and ``bits_saved``); the last study is unlabelled.
+    """
+    rng = np.random.default_rng(seed)
+    cache = root / "ingest" / "cache"
+    sim_dir = root / "simplify" / SIMPLIFY_NAME
+    (sim_dir / "simplified").mkdir(parents=True)
+    cache.mkdir(parents=True)
+    manifest, predictions = [], []
+    for i in range(n_studies):
+        sid, pid = study_pseudonym(f"study-{seed}-{i}"), patient_pseudonym(f"patient-{seed}-{i}")
+        effusion = i % 2
+        original = synthetic_radiograph(rng, size, bool(effusion))
+        simplified = (np.round(gaussian_filter(original.astype(float), 1.5) / 32) * 32).clip(0, 255).astype(np.uint8)
+        np.save(cache / f"{sid}.npy", original)
+        np.save(sim_dir / "simplified" / f"{sid}.npy", simplified)
+        split = "test" if i % 3 == 0 else "train"
+        manifest.append({"study_id": sid, "patient_id": pid, "image_path": f"/data/p{i}/s{i}.dcm",
+                         "view": ["PA", "AP"][i % 2 if i < 6 else (i // 2) % 2], "sex": "FM"[(i // 2) % 2],
+                         "age": 25 + 6 * i, "effusion": effusion, "split": split, "source": "demo"})
+        p_orig = float(np.clip(0.2 + 0.6 * effusion + rng.normal(0, 0.15), 0.01, 0.99))
+        bpd_orig, bpd_simpl = 4.0 + rng.normal(0, 0.2), 1.5 + rng.normal(0, 0.2)
+        predictions.append({"study_id": sid, "split": split, "effusion": effusion if i < n_studies - 1 else None,
+                            "sex": manifest[-1]["sex"], "p_orig": p_orig,
+                            "p_simpl": float(np.clip(p_orig + rng.normal(0, 0.1), 0.01, 0.99)),
+                            "bpd_orig": bpd_orig, "bpd_simpl": bpd_simpl, "bits_saved": (bpd_orig - bpd_simpl) * size * size})
+    pd.DataFrame(manifest).to_csv(root / "ingest" / "manifest.csv", index=False)
+    pd.DataFrame(predictions).to_csv(sim_dir / "predictions.csv", index=False)
+    (sim_dir / "metrics.json").write_text(json.dumps({"auroc_simpl": 0.9}))
+    return root
+
+
+def make_sweep() -> pd.DataFrame:
+    """A λ trade-off table in the columns the cohort report expects."""
+    rows = [{"method": "simplebits", "lam": lam, "mean_bpd": bpd, "auroc": auc, "auroc_orig": 0.93}
+            for lam, bpd, auc in [(0.1, 3.6, 0.92), (1.0, 2.4, 0.9), (10.0, 1.2, 0.84)]]
+    rows += [{"method": "blur", "strength": s, "mean_bpd": bpd, "auroc": auc}
+             for s, bpd, auc in [(1.0, 3.1, 0.88), (2.0, 2.2, 0.8), (4.0, 1.4, 0.66)]]
+    return pd.DataFrame(rows)
+
+
+@pytest.fixture
+def run_folder(tmp_path: Path) -> Path:
+    return make_run_folder(tmp_path / "run")
+
+
+@pytest.fixture
+def reported_run(run_folder: Path) -> Path:
+    """The synthetic run folder with per-study reports written (what the review server serves)."""
+    from pipeline.report.study import write_run_study_reports
+
+    write_run_study_reports(run_folder, SIMPLIFY_NAME)
+    return run_folder
+
+
+@contextlib.contextmanager
+def running_review_server(run_dir: Path, port: int = 0) -> Iterator[str]:
+    """The review server in a background thread; yields its base URL, shuts down afterwards."""
+    from pipeline.report.review.server import make_server
+
+    server = make_server(run_dir, "127.0.0.1", port)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=10)

@@ -1,0 +1,42 @@
+"""The cohort HTML report: self-contained, complete, links the study panels and next steps."""
+
+from __future__ import annotations
+
+import re
+
+import pandas as pd
+from synthetic_run import SIMPLIFY_NAME, make_sweep
+
+from pipeline.report.html import write_run_cohort_report
+from pipeline.report.study import write_run_study_reports
+
+
+def test_cohort_report_folder(run_folder):
+    write_run_study_reports(run_folder, SIMPLIFY_NAME)
+    index = write_run_cohort_report(run_folder, SIMPLIFY_NAME, sweep=make_sweep())
+    out = run_folder / "cohort_report"
+    assert index == out / "index.html"
+    assert {p.name for p in out.iterdir()} >= {"index.html", "studies.csv", "studies.parquet", "subgroups.csv", "plots"}
+    assert {p.name for p in (out / "plots").iterdir()} == {"tradeoff.png", "bpd_hist.png", "subgroups.png"}
+    page = index.read_text()
+    for heading in ("How to read this report", "Key numbers", "By finding", "Subgroups", "Simplicity and performance",
+                    "Studies", "Data and next steps", "Bits per pixel", "MacroStd", "not for diagnosis"):
+        assert heading in page, heading
+    assert page.count('src="data:image/png;base64,') == 3  # plots embedded: the page travels alone
+    assert not re.search(r'(src|href)="https?://', page)  # nothing fetched from the network
+    table = pd.read_csv(out / "studies.csv")
+    panels = re.findall(r'<img loading="lazy" src="\.\./studies/(std-[0-9a-f]+)/panel\.png"', page)
+    assert sorted(panels) == sorted(table["study_id"])
+    for sid in panels:
+        assert (run_folder / "studies" / sid / "panel.png").is_file()  # every link resolves
+    assert f"simplebits review {run_folder}" in page and f"sqlite:///{run_folder}/mlflow.db" in page
+    assert "/data/p" not in page and "image_path" not in page  # no source paths
+
+
+def test_report_without_sweep_or_manifest(run_folder):
+    (run_folder / "ingest" / "manifest.csv").unlink()
+    page = write_run_cohort_report(run_folder, SIMPLIFY_NAME).read_text()
+    assert "Trade-off" not in page and "Subgroups" in page
+    # bpd histogram + subgroups by sex (predictions carry sex); age/view/source came from the manifest
+    assert page.count('src="data:image/png;base64,') == 2
+    assert "sex" in page and "60-79" not in page

@@ -1,0 +1,135 @@
+"""The review page in a real browser (Debian chromium via Playwright): rate, restart, ratings still there."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from synthetic_run import running_review_server
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+SCREENSHOT_DIR = Path(os.environ.get("SIMPLEBITS_SCREENSHOT_DIR", "/tmp"))
+
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.skipif(not CHROMIUM.exists(), reason="Debian chromium not installed (make browser)"),
+]
+
+
+@pytest.fixture
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        instance = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            yield instance
+        finally:
+            instance.close()
+
+
+def open_page(browser, base: str):
+    """The page under its real Content-Security-Policy, so waits use locators (no JS eval allowed)."""
+    from playwright.sync_api import expect
+
+    page = browser.new_page(viewport={"width": 1400, "height": 820})
+    page.goto(base + "/")
+    expect(page.locator("#position")).to_contain_text(" / ")
+    return page
+
+
+def viewer_brightness(page, selector: str) -> float:
+    """Mean grey value of a canvas as rendered on screen (a screenshot, not an in-page read)."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    return float(np.asarray(Image.open(io.BytesIO(page.locator(selector).screenshot())).convert("L")).mean())
+
+
+def test_rate_two_studies_restart_and_see_them(browser, reported_run):
+    from playwright.sync_api import expect
+
+    studies = sorted(p.name for p in (reported_run / "studies").iterdir())
+    with running_review_server(reported_run) as base:
+        page = open_page(browser, base)
+        expect(page.locator("#study-id")).to_have_text(studies[0])
+        expect(page.locator("#position")).to_have_text(f"1 / {len(studies)}")
+        expect(page.locator("#wl")).to_contain_text("window 255")  # images loaded and drawn
+        assert viewer_brightness(page, "#view-orig") > 20 and viewer_brightness(page, "#view-simpl") > 20
+        page.keyboard.press("2")  # "partly", saved at once
+        expect(page.locator("#status")).to_contain_text("saved ")
+        page.keyboard.press("ArrowRight")
+        expect(page.locator("#study-id")).to_have_text(studies[1])
+        page.check("input[value=meniscus]")
+        page.check("input[value=no]")
+        page.fill("textarea[name=comment]", "meniscus lost after simplification")
+        page.click("#save")
+        expect(page.locator("#status")).to_contain_text("saved ")
+        expect(page.locator("#progress")).to_have_text(f"2 of {len(studies)} rated")
+        # A request for a file outside the run folder is refused, also from the page's origin.
+        # (The client normalises "%2e%2e" to "/ingest/manifest.csv": an unknown route, 404.)
+        secret = (reported_run / "ingest" / "manifest.csv").read_bytes()
+        for path, status in [("/studies/%2e%2e/ingest/manifest.csv", 404), ("/studies/%252e%252e/ingest/manifest.csv", 403)]:
+            response = page.request.get(base + path)
+            assert response.status == status and secret not in response.body()
+        assert page.request.get(base + "/studies/" + studies[0] + "/report.json").status == 404
+        page.close()
+
+    with running_review_server(reported_run) as base:  # restarted: state comes only from SQLite
+        page = open_page(browser, base)
+        expect(page.locator("#progress")).to_have_text(f"2 of {len(studies)} rated")
+        assert page.is_checked("input[value=partly]")
+        page.keyboard.press("j")
+        expect(page.locator("#study-id")).to_have_text(studies[1])
+        assert page.is_checked("input[value=no]") and page.is_checked("input[value=meniscus]")
+        assert page.input_value("textarea[name=comment]") == "meniscus lost after simplification"
+        page.select_option("#filter", "unrated")
+        expect(page.locator("#position")).to_have_text(f"1 / {len(studies) - 2}")
+        assert page.text_content("#study-id") not in studies[:2]
+        expect(page.locator("#wl")).to_contain_text("window")
+        # Zoom, pan and window/level act on both viewers; the shortcut "r" resets them.
+        page.mouse.move(400, 400)
+        page.mouse.wheel(0, -600)
+        page.keyboard.down("Shift")
+        page.mouse.move(400, 400)
+        page.mouse.down()
+        page.mouse.move(340, 440)
+        page.mouse.up()
+        page.keyboard.up("Shift")
+        changed = page.text_content("#wl")
+        assert "zoom 1.00" not in changed and "window 255" not in changed
+        page.screenshot(path=str(SCREENSHOT_DIR / "simplebits_review_zoomed.png"))
+        page.keyboard.press("r")
+        expect(page.locator("#wl")).to_have_text("window 255 · level 128 · zoom 1.00×")
+        page.select_option("#filter", "all")
+        page.screenshot(path=str(SCREENSHOT_DIR / "simplebits_review.png"))
+        page.close()
+
+
+def test_cohort_report_renders(browser, reported_run):
+    from synthetic_run import SIMPLIFY_NAME, make_sweep
+
+    from pipeline.report.html import write_run_cohort_report
+
+    index = write_run_cohort_report(reported_run, SIMPLIFY_NAME, sweep=make_sweep())
+    page = browser.new_page(viewport={"width": 1300, "height": 900})
+    page.goto(index.as_uri())
+    total = len(list((reported_run / "studies").iterdir()))
+    assert page.text_content("#g-count") == f"{total} of {total} studies shown"
+    import pandas as pd
+
+    positives = int((pd.read_csv(reported_run / "simplify" / SIMPLIFY_NAME / "predictions.csv")["effusion"] == 1).sum())
+    page.select_option("#g-filter", "positive")
+    assert 0 < positives < total and page.text_content("#g-count") == f"{positives} of {total} studies shown"
+    page.select_option("#g-filter", "all")
+    # Panels load from ../studies (relative links work from the file system).
+    first = page.locator("#gallery img").first
+    first.scroll_into_view_if_needed()
+    page.wait_for_function("document.querySelector('#gallery img').naturalWidth > 0")  # file://: no CSP
+    page.screenshot(path=str(SCREENSHOT_DIR / "simplebits_cohort_report.png"), full_page=True)
+    page.close()

@@ -1,0 +1,125 @@
+"""Per-study panel + JSON: content, bits saved, atomic/resumable writing, speed-friendly rendering."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+from synthetic_run import SIMPLIFY_NAME
+from PIL import Image
+
+from pipeline.report.study import (
+    REPORT_NAME,
+    caption_lines,
+    difference_overlay,
+    load_uint8_image,
+    make_study_report,
+    parse_simplify_name,
+    render_panel,
+    write_run_study_reports,
+    write_study_report,
+)
+
+ROW = {"study_id": "std-00aa11bb22cc", "label": 1, "p_orig": 0.91, "p_simpl": 0.62, "bpd_orig": 4.5,
+       "bpd_simpl": 1.5, "split": "test", "view": "PA", "sex": "F", "age_band": "60-79", "source": "demo"}
+
+
+def images(size: int = 16) -> tuple[np.ndarray, np.ndarray]:
+    original = np.tile(np.arange(size, dtype=np.uint8) * 10, (size, 1))
+    simplified = original.copy()
+    simplified[: size // 2] = 100  # top half flattened
+    return original, simplified
+
+
+def test_record_fields_and_bits_saved():
+    report = make_study_report(ROW, dims=64 * 64, task="effusion", setting="joint")
+    record = report.to_dict()
+    assert record["bits_saved"] == pytest.approx((4.5 - 1.5) * 4096)
+    assert record["bits_orig"] == pytest.approx(4.5 * 4096) and record["bits_simpl"] == pytest.approx(1.5 * 4096)
+    assert record["label_name"] == "effusion" and record["positive_name"] == "effusion"
+    assert record["correct_orig"] is True and record["correct_simpl"] is True
+    assert record["attributes"] == {"view": "PA", "sex": "F", "age_band": "60-79", "source": "demo", "split": "test"}
+    negative = make_study_report({**ROW, "label": 0}, 10, "sex", "audit", class_names={"sex": ("F", "M")})
+    assert negative.label_name == "F" and negative.positive_name == "M" and not negative.correct_orig
+
+
+def test_unlabelled_study_has_no_verdict():
+    report = make_study_report({**ROW, "label": pd.NA}, 10, "effusion", "joint")
+    assert report.label is None and report.label_name == "unlabelled"
+    assert report.to_dict()["correct_orig"] is None and report.to_dict()["correct_simpl"] is None
+    assert "truth: unlabelled" in caption_lines(report)[0]
+
+
+def test_caption_says_ids_labels_probabilities_and_bits():
+    text = "\n".join(caption_lines(make_study_report(ROW, 4096, "effusion", "joint")))
+    for expected in ("std-00aa11bb22cc", "truth: effusion", "0.91", "0.62", "4.50", "1.50", "12,288 bits", "67%"):
+        assert expected in text
+
+
+def test_difference_overlay_is_signed_and_symmetric():
+    original = np.full((4, 4), 100, np.uint8)
+    simplified = original.copy()
+    simplified[0, 0], simplified[3, 3] = 150, 50  # +50 and -50
+    overlay, limit = difference_overlay(original, simplified)
+    assert limit == 50
+    red, blue = overlay[0, 0].astype(int), overlay[3, 3].astype(int)
+    assert red[0] > red[2] and blue[2] > blue[0]  # brighter -> red, darker -> blue
+    np.testing.assert_array_equal(overlay[1, 1], [100, 100, 100])  # unchanged pixels keep the anatomy
+    with pytest.raises(ValueError, match="differ in shape"):
+        difference_overlay(original, simplified[:2])
+
+
+def test_panel_layout_enlarges_small_images_with_nearest_neighbour():
+    original, simplified = images(16)
+    panel = render_panel(original, simplified, make_study_report(ROW, 256, "effusion", "joint"), tile=64)
+    assert panel.mode == "RGB" and panel.size[0] == 2 * 10 + 3 * 64 + 2 * 8
+    pixels = np.asarray(panel)
+    # The original tile sits at (x=10, y=36) and each source pixel became a 4x4 block.
+    tile = pixels[36:36 + 64, 10:10 + 64, 0]
+    np.testing.assert_array_equal(tile[::4, ::4], original)
+    with pytest.raises(ValueError, match="std-00aa11bb22cc"):
+        render_panel(original, simplified[:8], make_study_report(ROW, 256, "effusion", "joint"))
+
+
+def test_write_study_report_files_and_resume(tmp_path):
+    original, simplified = images(16)
+    report = make_study_report(ROW, original.size, "effusion", "joint")
+    folder = write_study_report(tmp_path / "studies", original, simplified, report, tile=64)
+    assert sorted(p.name for p in folder.iterdir()) == ["original.png", "panel.png", REPORT_NAME, "simplified.png"]
+    np.testing.assert_array_equal(np.asarray(Image.open(folder / "original.png")), original)
+    np.testing.assert_array_equal(np.asarray(Image.open(folder / "simplified.png")), simplified)
+    assert json.loads((folder / REPORT_NAME).read_text())["study_id"] == "std-00aa11bb22cc"
+    stamp = (folder / "panel.png").stat().st_mtime_ns
+    write_study_report(tmp_path / "studies", original, simplified, report, tile=64)
+    assert (folder / "panel.png").stat().st_mtime_ns == stamp  # unchanged record: skipped
+    changed = make_study_report({**ROW, "p_simpl": 0.3}, original.size, "effusion", "joint")
+    write_study_report(tmp_path / "studies", original, simplified, changed, tile=64)
+    assert json.loads((folder / REPORT_NAME).read_text())["p_simpl"] == 0.3
+    assert not list(folder.glob(".*tmp"))  # no temporary files left behind
+
+
+def test_run_folder_reports(run_folder):
+    folders = write_run_study_reports(run_folder, SIMPLIFY_NAME, splits=["test"])
+    predictions = pd.read_csv(run_folder / "simplify" / SIMPLIFY_NAME / "predictions.csv")
+    assert sorted(f.name for f in folders) == sorted(predictions.loc[predictions.split == "test", "study_id"])
+    record = json.loads((folders[0] / REPORT_NAME).read_text())
+    assert record["dims"] == 32 * 32 and record["setting"] == "joint" and record["task"] == "effusion"
+    labelled = predictions.set_index("study_id")["effusion"]
+    for folder in folders:
+        record = json.loads((folder / REPORT_NAME).read_text())
+        assert record["label"] == (None if pd.isna(labelled[folder.name]) else int(labelled[folder.name]))
+    assert record["attributes"]["age_band"] in {"<40", "40-59", "60-79", ">=80"}
+    assert "patient_id" not in json.dumps(record) and "image_path" not in json.dumps(record)
+
+
+def test_bad_inputs_name_the_file(tmp_path):
+    np.save(tmp_path / "float.npy", np.zeros((4, 4), np.float32))
+    with pytest.raises(ValueError, match="float.npy"):
+        load_uint8_image(tmp_path / "float.npy")
+    with pytest.raises(FileNotFoundError, match="missing.npy"):
+        load_uint8_image(tmp_path / "missing.npy")
+    assert parse_simplify_name("audit-sex") == ("audit", "sex")
+    with pytest.raises(ValueError, match="<setting>-<task>"):
+        parse_simplify_name("joint")

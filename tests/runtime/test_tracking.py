@@ -1,0 +1,162 @@
+"""MLflow tracking against the embedded SQLite default and a real ``mlflow server`` on loopback."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from mlflow import MlflowClient
+from safetensors.torch import load_file, save_file
+
+from pipeline.runtime.tracking import IdentifierLeakError, Tracker
+
+MLFLOW_BIN = Path(sys.executable).parent / "mlflow"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory) -> Iterator[str]:
+    """``mlflow server`` with a SQLite backend on a free loopback port; killed afterwards."""
+    root = tmp_path_factory.mktemp("mlflow-server")
+    port = free_port()
+    proc = subprocess.Popen(
+        [str(MLFLOW_BIN), "server", "--backend-store-uri", f"sqlite:///{root / 'server.db'}",
+         "--default-artifact-root", (root / "artifacts").as_uri(), "--host", "127.0.0.1", "--port", str(port),
+         "--workers", "1"],
+        stdout=subprocess.DEVNULL, stderr=open(root / "server.log", "wb"),
+        start_new_session=True,  # its own process group: the uvicorn worker goes down with it
+    )
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"{uri}/health", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"mlflow server did not start: {(root / 'server.log').read_text()[-2000:]}")
+            time.sleep(0.5)
+        yield uri
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def write_model_files(folder: Path) -> tuple[Path, Path, torch.nn.Module]:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.ReLU(), torch.nn.Conv2d(4, 2, 1))
+    weights, config = folder / "model.safetensors", folder / "model.json"
+    save_file(model.state_dict(), weights)
+    config.write_text(json.dumps({"arch": "tiny", "in_channels": 1, "classes": 2}))
+    return weights, config, model
+
+
+def load_logged_model(tracker: Tracker, run_id: str, name: str, dst: Path) -> tuple[torch.nn.Module, dict]:
+    """Download ``models/<name>`` from a run and rebuild the module from its state_dict (no pickle)."""
+    folder = tracker.download_model_files(name, dst, run_id=run_id)
+    config = json.loads((folder / "model.json").read_text())
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.ReLU(), torch.nn.Conv2d(4, 2, 1))
+    model.load_state_dict(load_file(folder / "model.safetensors"))
+    return model, config
+
+
+def exercise_tracker(tracker: Tracker, tmp_path: Path) -> None:
+    """Parent + nested runs, params, metrics, dataset input, model files, study reports; then check all."""
+    weights, config, model = write_model_files(tmp_path)
+    studies = tmp_path / "studies"
+    for sid in ("std-aaa", "std-bbb"):
+        (studies / sid).mkdir(parents=True)
+        (studies / sid / "report.json").write_text(json.dumps({"study_id": sid}))
+    manifest = pd.DataFrame({"study_id": ["std-aaa", "std-bbb"], "effusion": [0, 1], "split": ["train", "test"]})
+    with tracker.run("pipeline", params={"run": {"seed": 1}}) as parent:
+        parent_id = parent.run_id
+        parent.log_dataset(manifest, name="cohort", context="training", targets="effusion")
+        with tracker.run("classifier", params={"train": {"lr": 1e-3}}) as child:
+            child_id = child.run_id
+            for step in range(3):
+                child.log_metrics({"loss": 1.0 / (step + 1)}, step=step)
+            assert child.log_model_files("classifier", [weights, config]) == "models/classifier"
+        assert tracker.run_id == parent_id
+        assert tracker.log_study_reports(studies) == 2
+
+    client = MlflowClient(tracking_uri=tracker.uri)
+    child_run, parent_run = client.get_run(child_id), client.get_run(parent_id)
+    assert child_run.data.tags["mlflow.parentRunId"] == parent_id
+    assert child_run.info.status == "FINISHED" and parent_run.info.status == "FINISHED"
+    assert child_run.data.params["train.lr"] == "0.001"
+    history = client.get_metric_history(child_id, "loss")
+    assert [m.step for m in history] == [0, 1, 2] and history[-1].value == pytest.approx(1 / 3)
+    inputs = parent_run.inputs.dataset_inputs
+    assert len(inputs) == 1 and inputs[0].dataset.name == "cohort"
+    assert {t.key: t.value for t in inputs[0].tags}["mlflow.data.context"] == "training"
+    assert sorted(a.path for a in client.list_artifacts(parent_id, "studies")) == ["studies/std-aaa", "studies/std-bbb"]
+    assert [a.path for a in client.list_artifacts(parent_id, "studies/std-aaa")] == ["studies/std-aaa/report.json"]
+
+    loaded, loaded_config = load_logged_model(tracker, child_id, "classifier", tmp_path / "download")
+    assert loaded_config["arch"] == "tiny"
+    x = torch.randn(2, 1, 8, 8)
+    torch.testing.assert_close(loaded(x), model(x))
+
+
+def test_sqlite_default_lives_in_run_folder(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    tracker = Tracker(tmp_path / "run")
+    assert tracker.uri == f"sqlite:///{(tmp_path / 'run').resolve() / 'mlflow.db'}"
+    exercise_tracker(tracker, tmp_path)
+    assert (tmp_path / "run" / "mlflow.db").is_file()
+    logged = list((tmp_path / "run" / "mlartifacts").rglob("model.safetensors"))
+    assert len(logged) == 1 and "models/classifier" in logged[0].as_posix()
+
+
+@pytest.mark.slow
+def test_real_mlflow_server_on_loopback(tmp_path, mlflow_server):
+    tracker = Tracker(tmp_path / "run", uri=mlflow_server, experiment="server-test")
+    exercise_tracker(tracker, tmp_path)
+    assert not (tmp_path / "run" / "mlflow.db").exists()
+
+
+def test_person_name_values_are_refused(tmp_path):
+    tracker = Tracker(tmp_path / "run", uri=f"sqlite:///{tmp_path / 'guard.db'}")
+    with tracker.run("guard"):
+        with pytest.raises(IdentifierLeakError):
+            tracker.log_params({"data": {"who": "DOE^JANE"}})
+        with pytest.raises(IdentifierLeakError):
+            tracker.set_tags({"note": "Smith^John"})
+        tracker.log_params({"pattern": "^std-[0-9a-f]+$"})  # a regex is not a name
+    client = MlflowClient(tracking_uri=tracker.uri)
+    run = client.search_runs([tracker.experiment_id])[0]
+    assert "data.who" not in run.data.params and run.data.params["pattern"] == "^std-[0-9a-f]+$"
+
+
+def test_disabled_tracker_logs_nothing(tmp_path):
+    weights, config, _ = write_model_files(tmp_path)
+    tracker = Tracker(tmp_path / "run", enabled=False)
+    with tracker.run("noop"):
+        assert tracker.log_model_files("m", [weights, config]) is None
+        tracker.log_dataset(pd.DataFrame({"a": [1]}), "d", "training")
+    assert not (tmp_path / "run" / "mlflow.db").exists()
+    with pytest.raises(FileNotFoundError, match="missing.safetensors"):
+        tracker.log_model_files("m", [tmp_path / "missing.safetensors"])
