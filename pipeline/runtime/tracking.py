@@ -4,8 +4,11 @@ Only the main process logs (DDP ranks > 0 get a no-op tracker). Nothing identify
 here by construction: callers pass pseudonymous study ids and resolved configs only.
 
 Resolution order for the tracking URI: explicit ``uri`` argument (from config) >
-``MLFLOW_TRACKING_URI`` env > ``sqlite:///<run_dir>/mlflow.db``. Artifacts of the embedded
-default live in ``<run_dir>/mlartifacts`` so a run folder is self-contained and portable.
+``MLFLOW_TRACKING_URI`` env > ``sqlite:///<run_dir>/mlflow.db``. Artifacts of a SQLite store live
+in ``mlartifacts/`` beside the database file, so a run folder is self-contained and portable.
+
+Stages launched by the pipeline orchestrator (possibly in other processes, e.g. under torchrun)
+nest their runs under its parent run through ``SIMPLEBITS_MLFLOW_PARENT_RUN_ID``.
 
 Beyond params/metrics/tags: model files (safetensors + json, no pickle) under ``models/<name>/``,
 pandas tables as MLflow dataset inputs, and per-study report folders under ``studies/<study_id>/``.
@@ -32,6 +35,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_EXPERIMENT = "simplebits"
 _MAX_PARAM_LEN = 6000  # MLflow's param value limit
+PARENT_RUN_ENV = "SIMPLEBITS_MLFLOW_PARENT_RUN_ID"
 #: A DICOM person name ("FAMILY^GIVEN"): such a value in a param or tag means an identifier leaked.
 _PERSON_NAME = re.compile(r"[A-Za-z][A-Za-z' .-]*\^[A-Za-z]")
 MODELS_ARTIFACT_DIR = "models"
@@ -55,6 +59,13 @@ def resolve_tracking_uri(run_dir: str | Path, uri: str | None = None) -> str:
     if os.environ.get("MLFLOW_TRACKING_URI"):
         return os.environ["MLFLOW_TRACKING_URI"]
     return f"sqlite:///{Path(run_dir).resolve() / 'mlflow.db'}"
+
+
+def sqlite_artifact_location(uri: str) -> str | None:
+    """``sqlite:////abs/run/mlflow.db`` -> ``file:///abs/run/mlartifacts``; None for other stores."""
+    if not uri.startswith("sqlite:///") or uri.endswith(":memory:"):
+        return None
+    return (Path(uri.removeprefix("sqlite:///")).resolve().parent / "mlartifacts").as_uri()
 
 
 def flatten(params: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
@@ -93,10 +104,8 @@ class Tracker:
         self.client = MlflowClient(tracking_uri=self.uri)
         exp = self.client.get_experiment_by_name(experiment)
         if exp is None:
-            artifact_location = None
-            if self.uri.startswith("sqlite:///") and "MLFLOW_TRACKING_URI" not in os.environ:
-                artifact_location = (self.run_dir.resolve() / "mlartifacts").as_uri()
-            self.experiment_id = self.client.create_experiment(experiment, artifact_location=artifact_location)
+            self.experiment_id = self.client.create_experiment(
+                experiment, artifact_location=sqlite_artifact_location(self.uri))
         else:
             self.experiment_id = exp.experiment_id
 
@@ -115,8 +124,9 @@ class Tracker:
         if run_id is None:
             all_tags = dict(tags or {})
             refuse_person_names(all_tags)
-            if self._stack:
-                all_tags["mlflow.parentRunId"] = self._stack[-1]
+            parent = self._stack[-1] if self._stack else os.environ.get(PARENT_RUN_ENV)
+            if parent:
+                all_tags["mlflow.parentRunId"] = parent
             all_tags["mlflow.runName"] = name
             run = self.client.create_run(self.experiment_id, run_name=name, tags=all_tags)
             run_id = run.info.run_id
