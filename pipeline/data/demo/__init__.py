@@ -1,0 +1,12 @@
+"""Physically grounded demo cohort: DRRs of one real chest CT with simulated effusion, breasts, distractors.
+
+Entry point: :func:`pipeline.data.demo.cohort.generate_cohort` (CLI: ``simplebits demo-cohort``).
+Modules: ``ct`` (load, de-contrast, resample; cached), ``effusion`` (lamellar pleural fluid),
+``breast`` (sex signal), ``render`` (PA projection, projected masks, detector), ``distractors``
+(burned-in marks), ``dicom`` (DX/CR header and encoding variants), ``identities`` (synthetic PHI),
+``cohort`` (plan, render, write).
+"""
+
+from pipeline.data.demo.cohort import DemoCohortConfig, DemoScene, generate_cohort, plan_cohort
+
+__all__ = ["DemoCohortConfig", "DemoScene", "generate_cohort", "plan_cohort"]
