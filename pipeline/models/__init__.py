@@ -1,0 +1,1 @@
+"""Networks: the Glow density prior and bits per dimension, classifiers, the simplifier."""
