@@ -18,3 +18,13 @@ def test_atomic_write_creates_parents(tmp_path):
     target = tmp_path / "a" / "b" / "c.txt"
     atomic_write_text(target, "x")
     assert target.read_text() == "x"
+
+
+def test_atomic_files_get_normal_permissions(tmp_path):
+    import os
+
+    target = tmp_path / "weights.bin"
+    atomic_write_text(target, "x")
+    mask = os.umask(0)
+    os.umask(mask)
+    assert target.stat().st_mode & 0o777 == 0o666 & ~mask
