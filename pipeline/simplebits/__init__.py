@@ -1,0 +1,1 @@
+"""SimpleBits settings: joint training (a), condensation (b), post-hoc audit (c), baselines, evaluation."""

@@ -1,0 +1,331 @@
+"""Evaluations shared by every SimpleBits run on the validation split.
+
+All core functions take arrays and return plain dicts or DataFrames; no file or MLflow I/O happens
+here except in :func:`load_masks`, which reads the demo cohort's ground-truth masks.
+
+- :func:`classification_summary`: AUROC and accuracy on originals and simplified images.
+- :func:`bits_summary`: mean bpd, bits saved per study (``bpd x D``), and the fraction of the
+  attainable saving ``(orig - simplified) / (orig - flat grey)``.
+- :func:`retrain_on_simplified`: a fresh classifier trained on simplified train images, tested on
+  simplified and original validation images.
+- :func:`baselines_at_matched_bpd`: blur / JPEG / downsampling at the simplified images' mean bpd.
+- :func:`distractor_retention`, :func:`sign_retention`, :func:`mask_retention_table`,
+  :func:`shortcut_flag`: what happens to the ground-truth distractor and effusion sign.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+import torch
+from scipy import ndimage
+from torch import nn
+
+from pipeline.metrics import accuracy, auroc
+from pipeline.models.bpd import bits_per_dim
+
+if TYPE_CHECKING:  # the training stack is imported only where retraining runs
+    from pipeline.training.classifier import ClassifyConfig
+
+MASK_KEYS = ("fluid", "lung", "distractor")
+
+
+def as_float_images(images: torch.Tensor | np.ndarray) -> torch.Tensor:
+    """uint8 ``k`` -> ``k/255``; float stays float; always a float32 tensor."""
+    images = torch.as_tensor(images)
+    return images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
+
+
+# --------------------------------------------------------------------------------------------------
+# Classification and bits
+
+
+def classification_summary(labels: Any, p_orig: Any, p_simpl: Any) -> dict[str, float]:
+    """``auroc_orig, accuracy_orig, auroc_simpl, accuracy_simpl`` and the agreement of the decisions."""
+    agree = (
+        float(np.mean((np.asarray(p_orig) >= 0.5) == (np.asarray(p_simpl) >= 0.5)))
+        if len(p_orig)
+        else math.nan
+    )
+    return {
+        "auroc_orig": auroc(labels, p_orig),
+        "accuracy_orig": accuracy(labels, p_orig),
+        "auroc_simpl": auroc(labels, p_simpl),
+        "accuracy_simpl": accuracy(labels, p_simpl),
+        "decision_agreement": agree,
+    }
+
+
+@torch.no_grad()
+def deterministic_bpd(prior: nn.Module, images: torch.Tensor, batch_size: int = 128) -> torch.Tensor:
+    """Midpoint-dequantised bpd per image on the prior's device (uint8 or [0,1] input), CPU result."""
+    device = next(prior.parameters()).device
+    out = [
+        bits_per_dim(prior, as_float_images(images[i : i + batch_size]).to(device), "midpoint").cpu()
+        for i in range(0, images.shape[0], batch_size)
+    ]
+    return torch.cat(out) if out else torch.empty(0)
+
+
+def flat_images(images: torch.Tensor) -> torch.Tensor:
+    """Each image replaced by its own mean grey level (8-bit grid): the simplest image it can become."""
+    x = as_float_images(images)
+    mean = torch.round(x.mean(dim=(1, 2, 3), keepdim=True) * 255.0) / 255.0
+    return mean.expand_as(x).contiguous()
+
+
+def bits_summary(bpd_orig: Any, bpd_simpl: Any, bpd_flat: Any, num_dims: int) -> dict[str, float]:
+    """Mean bpd of originals and simplified images, bits saved per study and the attainable fraction.
+
+    ``bpd_flat`` is the bpd of each study flattened to its mean grey (:func:`flat_images`); the
+    fraction is computed per study and averaged over studies whose attainable saving is positive.
+    """
+    orig, simpl, flat = (
+        np.asarray(torch.as_tensor(v).cpu(), dtype=np.float64) for v in (bpd_orig, bpd_simpl, bpd_flat)
+    )
+    attainable = orig - flat
+    ok = attainable > 0
+    fraction = float(np.mean((orig[ok] - simpl[ok]) / attainable[ok])) if ok.any() else math.nan
+    return {
+        "bpd_orig": float(orig.mean()),
+        "bpd_simpl": float(simpl.mean()),
+        "bpd_flat": float(flat.mean()),
+        "bits_saved_per_study": float(np.mean((orig - simpl) * num_dims)),
+        "fraction_of_attainable_saving": fraction,
+    }
+
+
+# --------------------------------------------------------------------------------------------------
+# Retrain-on-simplified and matched-bpd baselines
+
+
+def retrain_on_simplified(
+    train_simplified: torch.Tensor,
+    train_labels: torch.Tensor,
+    val_simplified: torch.Tensor,
+    val_original: torch.Tensor,
+    val_labels: torch.Tensor,
+    config: ClassifyConfig,
+) -> dict[str, float]:
+    """Train a fresh classifier (``config``: a ``ClassifyConfig``) on simplified train images only.
+
+    Model selection uses the simplified validation images; the kept model is then also scored on the
+    original validation images: does what survives simplification still carry the task?
+    """
+    from pipeline.training.classifier import fit_classifier, predict_proba
+
+    result = fit_classifier(train_simplified, train_labels, val_simplified, val_labels, config)
+    p_orig = predict_proba(result.model, val_original)
+    return {
+        "retrain_auroc_simpl": float(result.metrics["val_auroc"]),
+        "retrain_accuracy_simpl": float(result.metrics["val_accuracy"]),
+        "retrain_auroc_orig": auroc(val_labels, p_orig),
+        "retrain_accuracy_orig": accuracy(val_labels, p_orig),
+    }
+
+
+def baselines_at_matched_bpd(
+    prior: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    target_bpd: float,
+    predict: Callable[[torch.Tensor], torch.Tensor],
+    kinds: Sequence[str] = ("blur", "jpeg", "downsample"),
+    retrain: Callable[[str, float], dict[str, float]] | None = None,
+    tol: float = 0.02,
+) -> pd.DataFrame:
+    """One row per baseline: strength found by bisection to ``target_bpd``, achieved bpd, AUROC.
+
+    ``reached`` is false where the baseline cannot get within ``tol`` bits of the target (integer
+    JPEG qualities and image sizes, or a target outside its range); compare such rows with care.
+
+    ``predict(images) -> P(positive)`` scores the degraded images with the classifier under audit;
+    ``retrain(kind, strength)`` optionally adds retrain-on-degraded numbers (same protocol as
+    :func:`retrain_on_simplified`).
+    """
+    from pipeline.simplebits.baselines import match_bpd
+
+    rows = []
+    for kind in kinds:
+        degraded, strength, achieved = match_bpd(images, target_bpd, kind, prior, tol=tol)
+        p = predict(degraded)
+        row = {
+            "method": kind,
+            "strength": strength,
+            "target_bpd": target_bpd,
+            "mean_bpd": achieved,
+            "reached": abs(achieved - target_bpd) <= tol,
+            "auroc": auroc(labels, p),
+            "accuracy": accuracy(labels, p),
+        }
+        if retrain is not None:
+            row.update(retrain(kind, strength))
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+# --------------------------------------------------------------------------------------------------
+# Ground-truth masks: distractor and effusion sign
+
+
+def load_masks(mask_dir: str | Path, study_ids: Sequence[str], size: int) -> dict[str, dict[str, np.ndarray]]:
+    """``{study_id: {fluid, lung, distractor}}`` uint8 masks at working ``size``; missing files skipped."""
+    from pipeline.data.transforms import to_working_resolution
+
+    out: dict[str, dict[str, np.ndarray]] = {}
+    for study_id in study_ids:
+        path = Path(mask_dir) / f"{study_id}.npz"
+        if not path.is_file():
+            continue
+        with np.load(path, allow_pickle=False) as data:
+            missing = [k for k in MASK_KEYS if k not in data.files]
+            if missing:
+                raise ValueError(f"{path}: mask file lacks {missing}")
+            out[study_id] = {
+                k: to_working_resolution(data[k].astype(np.uint8), size, kind="mask") for k in MASK_KEYS
+            }
+    return out
+
+
+def local_contrast(image: np.ndarray, mask: np.ndarray, ring_width: int = 2) -> float:
+    """Mean ``|image - background|`` inside ``mask``; background = median of a ring just outside it."""
+    mask = np.asarray(mask, dtype=bool)
+    if not mask.any():
+        return math.nan
+    ring = ndimage.binary_dilation(mask, iterations=ring_width) & ~mask
+    if not ring.any():  # the mask covers the image: no background to compare with
+        return math.nan
+    image = np.asarray(image, dtype=np.float64)
+    return float(np.mean(np.abs(image[mask] - np.median(image[ring]))))
+
+
+def _ratio(kept: float, original: float, min_original: float) -> float:
+    if math.isnan(kept) or math.isnan(original) or abs(original) < min_original:
+        return math.nan
+    return kept / original
+
+
+def distractor_retention(
+    original: np.ndarray,
+    simplified: np.ndarray,
+    mask: np.ndarray,
+    ring_width: int = 2,
+    min_contrast: float = 1e-3,
+) -> float:
+    """Local contrast of the distractor in the simplified image relative to the original (1 kept, 0 gone)."""
+    return _ratio(
+        local_contrast(simplified, mask, ring_width), local_contrast(original, mask, ring_width), min_contrast
+    )
+
+
+def fluid_contrast(image: np.ndarray, fluid: np.ndarray, lung: np.ndarray) -> float:
+    """Mean inside the projected fluid minus mean of the rest of the lung field (nan if either is empty)."""
+    fluid, lung = np.asarray(fluid, dtype=bool), np.asarray(lung, dtype=bool)
+    rest = lung & ~fluid
+    if not fluid.any() or not rest.any():
+        return math.nan
+    image = np.asarray(image, dtype=np.float64)
+    return float(image[fluid].mean() - image[rest].mean())
+
+
+def sign_retention(
+    original: np.ndarray,
+    simplified: np.ndarray,
+    fluid: np.ndarray,
+    lung: np.ndarray,
+    min_contrast: float = 1e-3,
+) -> float:
+    """Fluid-vs-lung contrast kept by the simplified image relative to the original (1 kept, 0 gone)."""
+    return _ratio(
+        fluid_contrast(simplified, fluid, lung), fluid_contrast(original, fluid, lung), min_contrast
+    )
+
+
+def texture_contrast(image: np.ndarray, region: np.ndarray) -> float:
+    """Mean ``|image - region mean|`` inside ``region``: its internal detail (texture, noise, edges)."""
+    region = np.asarray(region, dtype=bool)
+    if not region.any():
+        return math.nan
+    values = np.asarray(image, dtype=np.float64)[region]
+    return float(np.abs(values - values.mean()).mean())
+
+
+def sign_preference(
+    original: np.ndarray,
+    simplified: np.ndarray,
+    fluid: np.ndarray,
+    lung: np.ndarray,
+    min_contrast: float = 1e-3,
+) -> float:
+    """Fluid contrast kept divided by the contrast kept in the rest of the lung field.
+
+    Numerator: :func:`sign_retention` (fluid vs rest-of-lung mean, kept = simplified / original);
+    denominator: the rest of the lung field's :func:`texture_contrast`, kept likewise. Above 1: the
+    simplification preserved the effusion sign preferentially while flattening lung detail.
+    """
+    rest = np.asarray(lung, dtype=bool) & ~np.asarray(fluid, dtype=bool)
+    kept_rest = _ratio(texture_contrast(simplified, rest), texture_contrast(original, rest), min_contrast)
+    return _ratio(sign_retention(original, simplified, fluid, lung, min_contrast), kept_rest, 1e-6)
+
+
+def mask_retention_table(
+    study_ids: Sequence[str],
+    originals: torch.Tensor,
+    simplified: torch.Tensor,
+    masks: dict[str, dict[str, np.ndarray]],
+    ring_width: int = 2,
+) -> pd.DataFrame:
+    """``study_id, distractor_retention, sign_retention, sign_preference`` per study with masks (nan: n/a)."""
+    orig, simpl = as_float_images(originals)[:, 0].numpy(), as_float_images(simplified)[:, 0].numpy()
+    rows = []
+    for i, study_id in enumerate(study_ids):
+        if study_id not in masks:
+            continue
+        m = masks[study_id]
+        rows.append(
+            {
+                "study_id": study_id,
+                "distractor_retention": distractor_retention(orig[i], simpl[i], m["distractor"], ring_width),
+                "sign_retention": sign_retention(orig[i], simpl[i], m["fluid"], m["lung"]),
+                "sign_preference": sign_preference(orig[i], simpl[i], m["fluid"], m["lung"]),
+            }
+        )
+    return pd.DataFrame(
+        rows, columns=["study_id", "distractor_retention", "sign_retention", "sign_preference"]
+    )
+
+
+def shortcut_flag(
+    retention: pd.DataFrame, correlated: pd.Series | Sequence[bool] | None = None, threshold: float = 0.5
+) -> dict[str, Any]:
+    """Flag a kept shortcut: mean distractor retention (on label-correlated studies) above ``threshold``.
+
+    ``correlated`` (aligned with ``retention`` rows) marks studies whose distractor is correlated with
+    the label (``ground_truth.csv: distractor_correlated``); ``None`` uses every study with a distractor.
+    """
+    values = retention["distractor_retention"].to_numpy(dtype=np.float64)
+    if correlated is not None:
+        values = values[np.asarray(correlated, dtype=bool)]
+    values = values[np.isfinite(values)]
+    mean = float(values.mean()) if values.size else math.nan
+    return {
+        "distractor_retention": mean,
+        "distractor_studies": int(values.size),
+        "shortcut_threshold": threshold,
+        "shortcut_kept": bool(values.size and mean > threshold),
+    }
+
+
+def retention_summary(retention: pd.DataFrame) -> dict[str, float]:
+    """Means over studies where each retention is defined."""
+    out = {}
+    for column in ("distractor_retention", "sign_retention", "sign_preference"):
+        values = retention[column].to_numpy(dtype=np.float64) if column in retention else np.array([])
+        values = values[np.isfinite(values)]
+        out[f"mean_{column}"] = float(values.mean()) if values.size else math.nan
+    return out

@@ -1,0 +1,233 @@
+"""Evaluation metrics on hand-made arrays: bits, retention of distractor and effusion sign, shortcut flag."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pipeline.models.glow import Glow
+from pipeline.simplebits.evaluate import (
+    baselines_at_matched_bpd,
+    bits_summary,
+    classification_summary,
+    deterministic_bpd,
+    distractor_retention,
+    flat_images,
+    load_masks,
+    local_contrast,
+    mask_retention_table,
+    retention_summary,
+    retrain_on_simplified,
+    shortcut_flag,
+    sign_preference,
+    sign_retention,
+)
+from pipeline.training.classifier import ClassifyConfig
+
+SIZE = 32
+
+
+def scene() -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Grey background with a lung field, darker fluid at its base and a bright distractor square."""
+    image = np.full((SIZE, SIZE), 0.4)
+    lung = np.zeros((SIZE, SIZE), dtype=np.uint8)
+    lung[4:28, 4:14] = 1
+    fluid = np.zeros_like(lung)
+    fluid[20:28, 4:14] = 1
+    distractor = np.zeros_like(lung)
+    distractor[6:10, 20:24] = 1
+    image[lung == 1] = 0.2
+    image[fluid == 1] = 0.6
+    image[distractor == 1] = 0.9
+    image += 0.01 * np.random.default_rng(0).standard_normal(image.shape)
+    return image, {"lung": lung, "fluid": fluid, "distractor": distractor}
+
+
+def test_unchanged_image_keeps_everything_and_a_flattened_one_nothing():
+    image, masks = scene()
+    assert distractor_retention(image, image, masks["distractor"]) == pytest.approx(1.0)
+    assert sign_retention(image, image, masks["fluid"], masks["lung"]) == pytest.approx(1.0)
+    flat = np.full_like(image, image.mean())
+    assert distractor_retention(image, flat, masks["distractor"]) == pytest.approx(0.0, abs=1e-9)
+    assert sign_retention(image, flat, masks["fluid"], masks["lung"]) == pytest.approx(0.0, abs=1e-9)
+
+
+def test_retention_scales_with_the_contrast_kept():
+    image, masks = scene()
+    d = masks["distractor"] == 1
+    background = 0.4  # the distractor sits on the 0.4 background
+    half, erased = image.copy(), image.copy()
+    half[d] = background + 0.5 * (image[d] - background)
+    erased[d] = background
+    assert distractor_retention(image, half, masks["distractor"]) == pytest.approx(0.5, abs=0.05)
+    assert distractor_retention(image, erased, masks["distractor"]) < 0.05
+    # inverting the fluid contrast gives a negative sign retention
+    inverted = image.copy()
+    inverted[masks["fluid"] == 1] = 0.0
+    assert sign_retention(image, inverted, masks["fluid"], masks["lung"]) < 0
+
+
+def test_sign_preference_compares_fluid_and_lung_contrast_kept():
+    image, masks = scene()
+    lung, fluid = masks["lung"] == 1, masks["fluid"] == 1
+    assert sign_preference(image, image, masks["fluid"], masks["lung"]) == pytest.approx(1.0)
+    # flatten the rest of the lung field's texture to half, keep the fluid
+    rest = lung & ~fluid
+    flattened = image.copy()
+    flattened[rest] = image[rest].mean() + 0.5 * (image[rest] - image[rest].mean())
+    assert sign_preference(image, flattened, masks["fluid"], masks["lung"]) == pytest.approx(2.0, rel=0.05)
+    # the opposite: fluid flattened towards the lung, lung texture kept
+    washed = image.copy()
+    washed[fluid] = image[rest].mean()
+    assert sign_preference(image, washed, masks["fluid"], masks["lung"]) < 0.5
+
+
+def test_undefined_retentions_are_nan():
+    image, masks = scene()
+    empty = np.zeros_like(masks["lung"])
+    assert math.isnan(distractor_retention(image, image, empty))
+    assert math.isnan(sign_retention(image, image, empty, masks["lung"]))
+    assert math.isnan(local_contrast(image, np.ones_like(empty)))  # no background ring
+
+
+def test_mask_retention_table_shortcut_flag_and_summary():
+    image, masks = scene()
+    originals = torch.from_numpy(np.stack([image, image]))[:, None].float()
+    kept = originals.clone()
+    erased = originals.clone()
+    erased[1, 0][torch.from_numpy(masks["distractor"] == 1)] = 0.4
+    table = mask_retention_table(
+        ["std-a", "std-b", "std-c"],
+        torch.cat([originals, originals[:1]]),
+        torch.cat([kept[:1], erased[1:], kept[:1]]),
+        {"std-a": masks, "std-b": masks},
+    )
+    assert list(table["study_id"]) == ["std-a", "std-b"]
+    assert table["distractor_retention"].iloc[0] == pytest.approx(1.0)
+    assert table["distractor_retention"].iloc[1] < 0.05
+    assert shortcut_flag(table, correlated=[True, False])["shortcut_kept"] is True
+    assert shortcut_flag(table, correlated=[False, True])["shortcut_kept"] is False
+    flag = shortcut_flag(table)
+    assert flag["distractor_studies"] == 2 and flag["distractor_retention"] == pytest.approx(
+        table["distractor_retention"].mean()
+    )
+    summary = retention_summary(table)
+    assert summary["mean_sign_retention"] == pytest.approx(1.0)
+    assert summary["mean_sign_preference"] == pytest.approx(1.0)
+
+
+def test_load_masks_maps_to_the_working_resolution(tmp_path):
+    _, masks = scene()
+    big = {k: np.kron(v, np.ones((4, 4), dtype=np.uint8)).astype(bool) for k, v in masks.items()}
+    np.savez(tmp_path / "std-a.npz", breast=np.zeros_like(big["lung"]), **big)
+    loaded = load_masks(tmp_path, ["std-a", "std-missing"], SIZE)
+    assert list(loaded) == ["std-a"]
+    for key in ("fluid", "lung", "distractor"):
+        assert loaded["std-a"][key].shape == (SIZE, SIZE)
+        assert np.array_equal(loaded["std-a"][key], masks[key])
+    np.savez(tmp_path / "std-bad.npz", lung=big["lung"])
+    with pytest.raises(ValueError, match="std-bad.npz.*lacks"):
+        load_masks(tmp_path, ["std-bad"], SIZE)
+
+
+def test_bits_summary_and_attainable_fraction():
+    summary = bits_summary([4.0, 6.0], [3.0, 2.0], [2.0, 2.0], num_dims=100)
+    assert summary["bpd_orig"] == 5.0 and summary["bpd_simpl"] == 2.5
+    assert summary["bits_saved_per_study"] == pytest.approx(250.0)
+    assert summary["fraction_of_attainable_saving"] == pytest.approx((0.5 + 1.0) / 2)
+
+
+def test_classification_summary():
+    labels = [0, 0, 1, 1]
+    summary = classification_summary(labels, [0.1, 0.2, 0.8, 0.9], [0.6, 0.2, 0.8, 0.4])
+    assert summary["auroc_orig"] == 1.0 and summary["accuracy_orig"] == 1.0
+    assert summary["accuracy_simpl"] == 0.5 and summary["decision_agreement"] == 0.5
+
+
+@pytest.fixture(scope="module")
+def prior() -> Glow:
+    torch.manual_seed(0)
+    glow = Glow(in_channels=1, levels=2, steps_per_level=2, hidden_channels=16)
+    smooth = 0.5 + 0.03 * F.interpolate(torch.randn(16, 1, 4, 4), size=SIZE, mode="bilinear")
+    glow.train()
+    with torch.no_grad():
+        glow.log_prob(smooth * 255 / 256 - 0.5 + 1 / 512)
+    return glow.eval().requires_grad_(False)
+
+
+def labelled_images(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, 2, (n,), generator=g)
+    x = 0.5 + 0.2 * (torch.rand(n, 1, SIZE, SIZE, generator=g) - 0.5)
+    x[:, :, 8:24, 8:24] += (0.25 * (2 * y.float() - 1)).view(n, 1, 1, 1)
+    return torch.round(x.clamp(0, 1) * 255).to(torch.uint8), y
+
+
+def test_flat_images_cost_fewer_bits(prior):
+    images, _ = labelled_images(8, 0)
+    flat = flat_images(images)
+    assert torch.allclose(flat.mean(dim=(1, 2, 3)), images.float().mean(dim=(1, 2, 3)) / 255, atol=1 / 255)
+    assert (deterministic_bpd(prior, flat) < deterministic_bpd(prior, images)).all()
+
+
+def test_baselines_table_at_matched_bpd(prior):
+    images, labels = labelled_images(16, 1)
+    original = float(deterministic_bpd(prior, images).mean())
+    target = 0.6 * original
+
+    def predict(x):  # a fixed "classifier": brightness of the centre
+        return (torch.as_tensor(x).float()[:, 0, 8:24, 8:24].mean(dim=(1, 2)) > 0.5).float()
+
+    table = baselines_at_matched_bpd(
+        prior,
+        images,
+        labels,
+        target,
+        predict,
+        kinds=("blur", "downsample"),
+        retrain=lambda kind, strength: {"retrain_auroc_simpl": 0.5},
+    )
+    assert list(table["method"]) == ["blur", "downsample"]
+    assert (table["mean_bpd"] < original).all() and (table["strength"] > 0).all()
+    assert table.loc[0, "mean_bpd"] == pytest.approx(target, abs=0.05 * original)
+    assert bool(table.loc[0, "reached"]) == (abs(table.loc[0, "mean_bpd"] - target) <= 0.02)
+    assert table["auroc"].between(0, 1).all() and (table["retrain_auroc_simpl"] == 0.5).all()
+
+
+def distractor_images(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Label: a square darker or brighter than grey on the left; random texture on the right."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, 2, (n,), generator=g)
+    x = torch.full((n, 1, SIZE, SIZE), 0.5)
+    x[:, :, 5:11, 5:11] = (0.3 + 0.4 * y.float()).view(n, 1, 1, 1)
+    x[:, :, :, SIZE // 2 :] = 0.2 + 0.6 * torch.rand(n, 1, SIZE, SIZE // 2, generator=g)
+    return torch.round(x * 255).to(torch.uint8), y
+
+
+def test_retrain_on_simplified_scores_both_views():
+    train, y_train = distractor_images(192, 2)
+    val, y_val = distractor_images(64, 3)
+    config = ClassifyConfig.model_validate(
+        {
+            "device": "cpu",
+            "model": {"name": "nf_cnn", "kwargs": {}},
+            "train": {"epochs": 3, "batch_size": 32},
+            "augment": {"enabled": False},
+            "tracking": {"enabled": False},
+        }
+    )
+    # "simplified" = label square kept, texture flattened; the retrained model sees only that
+    simple_train, simple_val = train.clone(), val.clone()
+    simple_train[..., SIZE // 2 :] = 128
+    simple_val[..., SIZE // 2 :] = 128
+    metrics = retrain_on_simplified(simple_train, y_train, simple_val, val, y_val, config)
+    assert set(metrics) == {
+        "retrain_auroc_simpl",
+        "retrain_accuracy_simpl",
+        "retrain_auroc_orig",
+        "retrain_accuracy_orig",
+    }
+    assert metrics["retrain_auroc_simpl"] > 0.9
+    assert 0.0 <= metrics["retrain_auroc_orig"] <= 1.0
