@@ -1,0 +1,231 @@
+"""The whole pipeline in one command (``simplebits run``): demo cohort → ingest → prior → classifiers
+→ SimpleBits (joint and audit) → reports, all tracked under one MLflow parent run.
+
+Each stage is the same function its own subcommand calls, writes into its folder of the run
+(ARCHITECTURE.md), and is skipped when its outputs already exist, so an interrupted run resumes
+where it stopped. Stage configs are sections of one :class:`RunConfig`; the fully resolved config is
+written to the run folder before anything runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, Literal
+
+import pandas as pd
+
+from pipeline.config import StrictModel, save_resolved_config
+from pipeline.data.demo.cohort import DemoCohortConfig, generate_cohort
+from pipeline.data.ingest import IngestConfig, ingest
+from pipeline.data.manifest import read_manifest
+from pipeline.prior import load_prior
+from pipeline.prior.train import PriorConfig
+from pipeline.runtime.tracking import PARENT_RUN_ENV, Tracker, resolve_tracking_uri
+from pipeline.simplebits.audit import AuditConfig, ClassifierSpec
+from pipeline.simplebits.joint import JointConfig
+from pipeline.training.classifier import ClassifyConfig
+
+log = logging.getLogger(__name__)
+
+Task = Literal["effusion", "sex"]
+
+
+class PriorStageConfig(StrictModel):
+    """The shipped prior, optionally fine-tuned on the cohort's training radiographs."""
+
+    finetune: bool = True
+    settings: PriorConfig = PriorConfig(init="shipped")
+
+
+class ReportStageConfig(StrictModel):
+    simplify: str = "audit-effusion"  # the simplification run whose studies get panels and the cohort report
+    dicom_secondary_capture: bool = True
+    allow_identity: bool = False  # copy patient identity into the Secondary Captures (off: pseudonyms)
+
+
+class TrackingSection(StrictModel):
+    uri: str | None = None  # default: sqlite:///<run>/mlflow.db (or MLFLOW_TRACKING_URI)
+    experiment: str = "simplebits"
+
+
+class RunConfig(StrictModel):
+    out: str = "reports/demo"
+    tasks: list[Task] = ["effusion", "sex"]  # classifiers and audits
+    joint_tasks: list[Task] = ["effusion"]  # joint training is the costliest stage
+    cohort: DemoCohortConfig = DemoCohortConfig()
+    ingest: IngestConfig = IngestConfig()
+    prior: PriorStageConfig = PriorStageConfig()
+    classify: ClassifyConfig = ClassifyConfig()
+    joint: JointConfig = JointConfig()
+    audit: AuditConfig = AuditConfig()
+    report: ReportStageConfig = ReportStageConfig()
+    tracking: TrackingSection = TrackingSection()
+
+
+class RunFolder:
+    """Where each stage of one run writes (ARCHITECTURE.md, "Run folder")."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+        self.cohort = self.root / "cohort"
+        self.ingest = self.root / "ingest"
+        self.prior = self.root / "prior"
+
+    def classifier(self, task: str) -> Path:
+        return self.root / "classifier" / task
+
+    def simplify(self, setting: str, task: str) -> Path:
+        return self.root / "simplify" / f"{setting}-{task}"
+
+    @property
+    def prior_weights(self) -> Path:
+        return self.prior / "prior.safetensors"
+
+
+@contextlib.contextmanager
+def _stage(name: str, timings: dict[str, float]) -> Iterator[None]:
+    log.info("── stage %s", name)
+    start = time.monotonic()
+    yield
+    timings[name] = round(time.monotonic() - start, 1)
+    log.info("── stage %s done in %.1f s", name, timings[name])
+
+
+def run_pipeline(config: RunConfig) -> dict[str, Any]:
+    """Run (or resume) every stage; returns a summary with stage timings and headline metrics."""
+    folder = RunFolder(config.out)
+    folder.root.mkdir(parents=True, exist_ok=True)
+    save_resolved_config(config, folder.root)
+    uri = resolve_tracking_uri(folder.root, config.tracking.uri)
+    # Every stage builds its own Tracker; these make them log to this run's store, nested under the parent.
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    tracker = Tracker(folder.root, uri=uri, experiment=config.tracking.experiment)
+    timings: dict[str, float] = {}
+    summary: dict[str, Any] = {"run": str(folder.root), "tracking_uri": uri}
+
+    with tracker.run("simplebits-pipeline", params=config.model_dump(mode="json")) as parent:
+        if parent.run_id:
+            os.environ[PARENT_RUN_ENV] = parent.run_id
+        try:
+            _run_stages(config, folder, tracker, timings, summary)
+        finally:
+            os.environ.pop(PARENT_RUN_ENV, None)
+        tracker.log_metrics({f"stage_seconds_{k}": v for k, v in timings.items()})
+    summary["stage_seconds"] = timings
+    return summary
+
+
+def _run_stages(config: RunConfig, folder: RunFolder, tracker: Tracker, timings: dict[str, float],
+                summary: dict[str, Any]) -> None:
+    with _stage("cohort", timings):
+        generate_cohort(config.cohort, folder.cohort)
+        tracker.log_dataset(read_manifest(folder.cohort / "manifest.csv"), "demo-cohort", context="cohort",
+                            targets="effusion")
+
+    with _stage("ingest", timings):
+        ingest_config = config.ingest.model_copy(
+            update={"manifest": str(folder.cohort / "manifest.csv"), "out": str(folder.ingest)})
+        result = ingest(ingest_config)
+        summary["ingest"] = {"ok": result.ok, "error": result.error, "total": result.total}
+
+    with _stage("prior", timings):
+        summary["prior"] = _prior_stage(config.prior, folder)
+
+    prior_path = str(folder.prior_weights)
+    for task in config.tasks:
+        with _stage(f"classify-{task}", timings):
+            from pipeline.training.classifier import train_classifier_run
+
+            task_config = config.classify.model_copy(update={"task": task})
+            summary[f"classifier_{task}"] = _scalars(
+                train_classifier_run(folder.ingest, folder.classifier(task), task_config))
+
+    for task in config.joint_tasks:
+        with _stage(f"joint-{task}", timings):
+            from pipeline.simplebits.joint import run_joint
+
+            joint_config = config.joint.model_copy(update={"task": task, "prior": prior_path})
+            summary[f"joint_{task}"] = [_scalars(s) for s in
+                                        run_joint(folder.ingest, folder.simplify("joint", task), joint_config)]
+
+    for task in config.tasks:
+        with _stage(f"audit-{task}", timings):
+            from pipeline.simplebits.audit import audit_command
+
+            audit_config = config.audit.model_copy(update={
+                "task": task, "prior": prior_path,
+                "classifiers": [ClassifierSpec(path=str(folder.classifier(task) / "model.safetensors"))],
+            })
+            summary[f"audit_{task}"] = _scalars(audit_command(
+                folder.ingest, folder.simplify("audit", task), audit_config, mask_dir=folder.cohort / "masks"))
+
+    with _stage("reports", timings):
+        _report_stage(config, folder, tracker)
+
+
+def _prior_stage(config: PriorStageConfig, folder: RunFolder) -> dict[str, Any]:
+    from pipeline.prior.data import load_radiographs
+    from pipeline.prior.evaluate import bpd_table
+    from pipeline.prior.train import train_prior
+
+    if not folder.prior_weights.is_file():
+        if config.finetune:
+            radiographs, _ = load_radiographs(folder.ingest, split="train")
+            val_radiographs, _ = load_radiographs(folder.ingest, split="val")
+            train_prior(config.settings, folder.prior, radiographs, val_radiographs,
+                        command="simplebits run (prior stage: fine-tune of the shipped prior)")
+        else:
+            from pipeline.prior import save_prior
+
+            save_prior(load_prior(None), folder.prior_weights, {"source": "shipped prior, not fine-tuned"})
+    table_path = folder.prior / "bpd.csv"
+    if not table_path.is_file():
+        images, frame = load_radiographs(folder.ingest)
+        table = bpd_table(load_prior(folder.prior_weights), images, frame)
+        table.to_csv(table_path, index=False)
+    table = pd.read_csv(table_path)
+    by_label = table.groupby("effusion")["bpd"].mean()
+    return {"mean_bpd": float(table["bpd"].mean()),
+            **{f"mean_bpd_effusion_{int(k)}": float(v) for k, v in by_label.items()}}
+
+
+def _report_stage(config: RunConfig, folder: RunFolder, tracker: Tracker) -> None:
+    from pipeline.report.html import write_run_cohort_report
+    from pipeline.report.study import write_run_study_reports
+
+    name = config.report.simplify
+    write_run_study_reports(folder.root, name)
+    sweep_path = folder.root / "simplify" / name / "sweep.csv"
+    sweep = pd.read_csv(sweep_path) if sweep_path.is_file() else None
+    write_run_cohort_report(folder.root, name, sweep=sweep)
+    if config.report.dicom_secondary_capture:
+        from pipeline.io.dicom_write import write_run_secondary_captures
+
+        write_run_secondary_captures(folder.root, name, allow_identity=config.report.allow_identity)
+    tracker.log_study_reports(folder.root / "studies")
+    tracker.log_artifact(folder.root / "cohort_report", "cohort_report")
+    table = pd.read_parquet(folder.root / "cohort_report" / "studies.parquet")
+    tracker.log_dataset(table, f"study-table-{name}", context="analysis")
+
+
+def _scalars(values: dict[str, Any]) -> dict[str, Any]:
+    """Headline numbers only (no per-epoch history) for the printed summary."""
+    return {k: v for k, v in values.items() if isinstance(v, (int, float, str)) and k != "history"}
+
+
+def print_where_to_look(summary: dict[str, Any], echo: Callable[[str], None] = print) -> None:
+    root = Path(summary["run"])
+    echo("")
+    echo(f"Done: {root}")
+    echo(f"  cohort report : {root / 'cohort_report' / 'index.html'}")
+    echo(f"  study panels  : {root / 'studies'}/<study>/panel.png")
+    echo(f"  MLflow UI     : .venv/bin/mlflow ui --backend-store-uri {summary['tracking_uri']} --port 5000")
+    echo(f"  review page   : .venv/bin/simplebits review {root}")
+    if shutil.which("xdg-open"):
+        echo(f"  open report   : xdg-open {root / 'cohort_report' / 'index.html'}")
