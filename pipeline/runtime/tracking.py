@@ -80,6 +80,12 @@ def flatten(params: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
     return out
 
 
+def _disable_telemetry() -> None:
+    """MLflow phones home by default; a clinical pipeline must not (and this network is closed)."""
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    os.environ.setdefault("DO_NOT_TRACK", "true")
+
+
 class Tracker:
     """A thin, rank-aware wrapper over MLflow's client API (the fluent API is not thread-safe)."""
 
@@ -97,6 +103,7 @@ class Tracker:
         self._stack: list[str] = []
         if not self.enabled:
             return
+        _disable_telemetry()
         import mlflow
         from mlflow.tracking import MlflowClient
 
