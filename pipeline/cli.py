@@ -15,6 +15,7 @@ import sys
 from collections.abc import Sequence
 
 from pipeline import __version__, commands
+from pipeline.runtime.distributed import shutdown_distributed
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,7 +39,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    finally:
+        # Under torchrun, exiting with a live gloo/NCCL group aborts the process ("terminate called
+        # without an active exception"); tear it down cleanly after every command.
+        shutdown_distributed()
 
 
 if __name__ == "__main__":

@@ -89,6 +89,21 @@ class RunFolder:
 
 
 @contextlib.contextmanager
+def _environment(values: dict[str, str | None]) -> Iterator[None]:
+    """Set environment variables for the duration of the block, then restore the previous values."""
+    previous = {key: os.environ.get(key) for key in values}
+    os.environ.update({k: v for k, v in values.items() if v is not None})
+    try:
+        yield
+    finally:
+        for key, value in previous.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+@contextlib.contextmanager
 def _stage(name: str, timings: dict[str, float]) -> Iterator[None]:
     log.info("── stage %s", name)
     start = time.monotonic()
@@ -103,19 +118,14 @@ def run_pipeline(config: RunConfig) -> dict[str, Any]:
     folder.root.mkdir(parents=True, exist_ok=True)
     save_resolved_config(config, folder.root)
     uri = resolve_tracking_uri(folder.root, config.tracking.uri)
-    # Every stage builds its own Tracker; these make them log to this run's store, nested under the parent.
-    os.environ["MLFLOW_TRACKING_URI"] = uri
     tracker = Tracker(folder.root, uri=uri, experiment=config.tracking.experiment)
     timings: dict[str, float] = {}
     summary: dict[str, Any] = {"run": str(folder.root), "tracking_uri": uri}
 
     with tracker.run("simplebits-pipeline", params=config.model_dump(mode="json")) as parent:
-        if parent.run_id:
-            os.environ[PARENT_RUN_ENV] = parent.run_id
-        try:
+        # Every stage builds its own Tracker; these make them log to this run's store, nested under the parent.
+        with _environment({"MLFLOW_TRACKING_URI": uri, PARENT_RUN_ENV: parent.run_id}):
             _run_stages(config, folder, tracker, timings, summary)
-        finally:
-            os.environ.pop(PARENT_RUN_ENV, None)
         tracker.log_metrics({f"stage_seconds_{k}": v for k, v in timings.items()})
     summary["stage_seconds"] = timings
     return summary
@@ -150,7 +160,12 @@ def _run_stages(config: RunConfig, folder: RunFolder, tracker: Tracker, timings:
         with _stage(f"joint-{task}", timings):
             from pipeline.simplebits.joint import run_joint
 
-            joint_config = config.joint.model_copy(update={"task": task, "prior": prior_path})
+            # Starting from the trained classifier lets the bpd gate open from the first epochs, which
+            # is what makes joint training fit the CPU budget (from scratch it barely simplifies).
+            init = folder.classifier(task) / "model.safetensors"
+            joint_config = config.joint.model_copy(update={
+                "task": task, "prior": prior_path,
+                "classifier_init": str(init) if init.is_file() else config.joint.classifier_init})
             summary[f"joint_{task}"] = [_scalars(s) for s in
                                         run_joint(folder.ingest, folder.simplify("joint", task), joint_config)]
 
