@@ -47,7 +47,7 @@ from pipeline.runtime.atomic import atomic_path, atomic_write_bytes, atomic_writ
 from pipeline.runtime.device import autocast
 from pipeline.runtime.distributed import barrier, init_distributed, shard, shutdown_distributed
 from pipeline.runtime.progress import progress
-from pipeline.runtime.tracking import Tracker
+from pipeline.runtime.tracking import Tracker, TrackingConfig
 
 log = logging.getLogger(__name__)
 
@@ -64,10 +64,6 @@ PART_COLUMNS = ("study_id", "split", *LABEL_COLUMNS, *VALUE_COLUMNS)
 # --- config -----------------------------------------------------------------------------------
 
 
-class TrackingConfig(StrictModel):
-    enabled: bool = True
-    uri: str | None = None  # None: MLFLOW_TRACKING_URI, else sqlite in the output folder
-    experiment: str = "simplebits"
 
 
 class ApplyConfig(StrictModel):

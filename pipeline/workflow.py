@@ -26,7 +26,7 @@ from pipeline.data.ingest import IngestConfig, ingest
 from pipeline.data.manifest import read_manifest
 from pipeline.prior import load_prior
 from pipeline.prior.train import PriorConfig
-from pipeline.runtime.tracking import PARENT_RUN_ENV, Tracker, resolve_tracking_uri
+from pipeline.runtime.tracking import PARENT_RUN_ENV, Tracker, TrackingConfig, resolve_tracking_uri
 from pipeline.simplebits.audit import AuditConfig, ClassifierSpec
 from pipeline.simplebits.joint import JointConfig
 from pipeline.training.classifier import ClassifyConfig
@@ -49,11 +49,6 @@ class ReportStageConfig(StrictModel):
     allow_identity: bool = False  # copy patient identity into the Secondary Captures (off: pseudonyms)
 
 
-class TrackingSection(StrictModel):
-    uri: str | None = None  # default: sqlite:///<run>/mlflow.db (or MLFLOW_TRACKING_URI)
-    experiment: str = "simplebits"
-
-
 class RunConfig(StrictModel):
     out: str = "reports/demo"
     tasks: list[Task] = ["effusion", "sex"]  # classifiers and audits
@@ -65,7 +60,7 @@ class RunConfig(StrictModel):
     joint: JointConfig = JointConfig()
     audit: AuditConfig = AuditConfig()
     report: ReportStageConfig = ReportStageConfig()
-    tracking: TrackingSection = TrackingSection()
+    tracking: TrackingConfig = TrackingConfig()
 
 
 class RunFolder:
@@ -118,7 +113,8 @@ def run_pipeline(config: RunConfig) -> dict[str, Any]:
     folder.root.mkdir(parents=True, exist_ok=True)
     save_resolved_config(config, folder.root)
     uri = resolve_tracking_uri(folder.root, config.tracking.uri)
-    tracker = Tracker(folder.root, uri=uri, experiment=config.tracking.experiment)
+    tracker = Tracker(folder.root, uri=uri, experiment=config.tracking.experiment,
+                      enabled=config.tracking.enabled)
     timings: dict[str, float] = {}
     summary: dict[str, Any] = {"run": str(folder.root), "tracking_uri": uri}
 
@@ -145,7 +141,7 @@ def _run_stages(config: RunConfig, folder: RunFolder, tracker: Tracker, timings:
         summary["ingest"] = {"ok": result.ok, "error": result.error, "total": result.total}
 
     with _stage("prior", timings):
-        summary["prior"] = _prior_stage(config.prior, folder)
+        summary["prior"] = _prior_stage(config.prior, folder, tracker)
 
     prior_path = str(folder.prior_weights)
     for task in config.tasks:
@@ -184,10 +180,13 @@ def _run_stages(config: RunConfig, folder: RunFolder, tracker: Tracker, timings:
         _report_stage(config, folder, tracker)
 
 
-def _prior_stage(config: PriorStageConfig, folder: RunFolder) -> dict[str, Any]:
+def _prior_stage(config: PriorStageConfig, folder: RunFolder, tracker: Tracker) -> dict[str, Any]:
+    """The run's prior (shipped, or fine-tuned on the cohort) and its per-study bpd table."""
+    from pipeline.prior import read_prior_info, save_prior
     from pipeline.prior.data import load_radiographs
     from pipeline.prior.evaluate import bpd_table
     from pipeline.prior.train import train_prior
+    from pipeline.runtime.device import pick_device
 
     if not folder.prior_weights.is_file():
         if config.finetune:
@@ -196,18 +195,23 @@ def _prior_stage(config: PriorStageConfig, folder: RunFolder) -> dict[str, Any]:
             train_prior(config.settings, folder.prior, radiographs, val_radiographs,
                         command="simplebits run (prior stage: fine-tune of the shipped prior)")
         else:
-            from pipeline.prior import save_prior
-
-            save_prior(load_prior(None), folder.prior_weights, {"source": "shipped prior, not fine-tuned"})
+            save_prior(load_prior(None), folder.prior_weights,
+                       {**read_prior_info(None), "note": "the shipped prior, used as is (prior.finetune: false)"})
     table_path = folder.prior / "bpd.csv"
     if not table_path.is_file():
+        device = pick_device()
         images, frame = load_radiographs(folder.ingest)
-        table = bpd_table(load_prior(folder.prior_weights), images, frame)
-        table.to_csv(table_path, index=False)
+        bpd_table(load_prior(folder.prior_weights, device=device), images, frame, device=device).to_csv(
+            table_path, index=False)
     table = pd.read_csv(table_path)
     by_label = table.groupby("effusion")["bpd"].mean()
-    return {"mean_bpd": float(table["bpd"].mean()),
-            **{f"mean_bpd_effusion_{int(k)}": float(v) for k, v in by_label.items()}}
+    metrics = {"mean_bpd": float(table["bpd"].mean()),
+               **{f"mean_bpd_effusion_{int(k)}": float(v) for k, v in by_label.items()}}
+    with tracker.run("prior-bpd", params={"finetune": config.finetune}, tags={"stage": "prior"}):
+        tracker.log_metrics(metrics)
+        tracker.log_model_files("prior", [folder.prior_weights, folder.prior_weights.with_suffix(".json")])
+        tracker.log_artifact(table_path)
+    return metrics
 
 
 def _report_stage(config: RunConfig, folder: RunFolder, tracker: Tracker) -> None:

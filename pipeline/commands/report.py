@@ -10,6 +10,7 @@ from pathlib import Path
 from pydantic import Field
 
 from pipeline.config import StrictModel, add_config_arguments, config_from_args
+from pipeline.runtime.tracking import TrackingConfig
 
 log = logging.getLogger(__name__)
 
@@ -25,11 +26,6 @@ class DicomSection(StrictModel):
     allow_identity: bool = False
 
 
-class TrackingSection(StrictModel):
-    enabled: bool = True
-    uri: str | None = None
-
-
 class ReportConfig(StrictModel):
     simplify: str = "joint-effusion"
     splits: list[str] | None = None
@@ -38,7 +34,7 @@ class ReportConfig(StrictModel):
     class_names: dict[str, tuple[str, str]] = Field(default_factory=dict)
     cohort: CohortSection = Field(default_factory=CohortSection)
     dicom: DicomSection = Field(default_factory=DicomSection)
-    tracking: TrackingSection = Field(default_factory=TrackingSection)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -98,7 +94,7 @@ def run_report(args: argparse.Namespace) -> int:
         summary["secondary_captures"] = len(
             write_run_secondary_captures(run_dir, config.simplify, config.dicom.allow_identity))
     if config.tracking.enabled and not args.no_mlflow:
-        tracker = Tracker(run_dir, uri=config.tracking.uri)
+        tracker = Tracker(run_dir, uri=config.tracking.uri, experiment=config.tracking.experiment)
         with tracker.run(f"report-{config.simplify}", params=config.model_dump(mode="json")):
             import pandas as pd
 

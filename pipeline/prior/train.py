@@ -31,7 +31,7 @@ from pipeline.runtime.distributed import (
 )
 from pipeline.runtime.progress import progress
 from pipeline.runtime.seeding import seed_everything
-from pipeline.runtime.tracking import Tracker
+from pipeline.runtime.tracking import Tracker, TrackingConfig
 
 log = logging.getLogger(__name__)
 
@@ -65,10 +65,6 @@ class TrainConfig(StrictModel):
     select_on: Literal["val_bpd", "val_radiograph_bpd"] = "val_bpd"
 
 
-class TrackingConfig(StrictModel):
-    enabled: bool = True
-    uri: str | None = None
-    experiment: str = "simplebits"
 
 
 class PriorConfig(StrictModel):

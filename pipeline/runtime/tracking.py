@@ -26,6 +26,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pipeline.config import StrictModel
 from pipeline.runtime.distributed import is_main_process
 
 if TYPE_CHECKING:
@@ -40,6 +41,14 @@ PARENT_RUN_ENV = "SIMPLEBITS_MLFLOW_PARENT_RUN_ID"
 _PERSON_NAME = re.compile(r"[A-Za-z][A-Za-z' .-]*\^[A-Za-z]")
 MODELS_ARTIFACT_DIR = "models"
 STUDIES_ARTIFACT_DIR = "studies"
+
+
+class TrackingConfig(StrictModel):
+    """The ``tracking`` section every command's config shares."""
+
+    enabled: bool = True
+    uri: str | None = None  # None: MLFLOW_TRACKING_URI, else sqlite:///<output folder>/mlflow.db
+    experiment: str = DEFAULT_EXPERIMENT
 
 
 class IdentifierLeakError(ValueError):

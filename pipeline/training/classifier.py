@@ -47,7 +47,7 @@ from pipeline.runtime.distributed import (
 )
 from pipeline.runtime.progress import progress
 from pipeline.runtime.seeding import seed_everything
-from pipeline.runtime.tracking import Tracker, null_tracker
+from pipeline.runtime.tracking import Tracker, TrackingConfig, null_tracker
 
 log = logging.getLogger(__name__)
 
@@ -79,10 +79,6 @@ class TrainConfig(StrictModel):
     max_minutes: float | None = None  # stop after the epoch that crosses this wall-clock budget
 
 
-class TrackingConfig(StrictModel):
-    enabled: bool = True
-    uri: str | None = None
-    experiment: str = "simplebits"
 
 
 class ClassifyConfig(StrictModel):
