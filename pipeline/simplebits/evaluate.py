@@ -9,8 +9,9 @@ here except in :func:`load_masks`, which reads the demo cohort's ground-truth ma
 - :func:`retrain_on_simplified`: a fresh classifier trained on simplified train images, tested on
   simplified and original validation images.
 - :func:`baselines_at_matched_bpd`: blur / JPEG / downsampling at the simplified images' mean bpd.
-- :func:`distractor_retention`, :func:`sign_retention`, :func:`mask_retention_table`,
-  :func:`shortcut_flag`: what happens to the ground-truth distractor and effusion sign.
+- :func:`distractor_retention`, :func:`sign_retention`, :func:`sign_preference`,
+  :func:`mask_retention_table`, :func:`shortcut_flag`: what happens to the ground-truth distractor
+  and effusion sign.
 """
 
 from __future__ import annotations
