@@ -59,7 +59,7 @@ def make_ingest_dir(root: Path, num_studies: int = NUM_STUDIES, seed: int = 0) -
 def tiny_models(seed: int = 0, alpha: float = 0.0) -> tuple[Simplifier, torch.nn.Module, Glow]:
     """Small random models; ``alpha=0`` keeps the simplifier at its identity initialisation."""
     torch.manual_seed(seed)
-    simplifier = Simplifier(base_channels=4, levels=2, max_channels=8)
+    simplifier = Simplifier(base_channels=4, levels=2, max_channels=8, init="zero_alpha")
     with torch.no_grad():
         simplifier.alpha.fill_(alpha)
     classifier = create_classifier("nf_cnn", widths=(4, 8))

@@ -35,6 +35,7 @@ from pipeline.runtime.atomic import atomic_path, atomic_write_text
 from pipeline.runtime.checkpoint import unwrap
 
 SIMPLIFIER_MODES = ("logit", "additive")
+SIMPLIFIER_INITS = ("zero_head", "zero_alpha")
 
 
 def soft_clamp(x: torch.Tensor, low: float = 0.0, high: float = 1.0) -> torch.Tensor:
@@ -106,16 +107,26 @@ class Simplifier(nn.Module):
     """Residual U-Net simplifier: identity (on the 8-bit grid) at init, 8-bit grey output in [0, 1]."""
 
     def __init__(self, base_channels: int = 32, levels: int = 4, max_channels: int = 256,
-                 mode: str = "logit", eps: float = 0.05) -> None:
+                 mode: str = "logit", eps: float = 0.05, init: str = "zero_head") -> None:
         super().__init__()
         if mode not in SIMPLIFIER_MODES:
             raise ValueError(f"simplifier mode must be one of {SIMPLIFIER_MODES}, got {mode!r}")
         if not 0.0 < eps < 0.5:
             raise ValueError(f"eps must lie in (0, 0.5), got {eps}")
+        if init not in SIMPLIFIER_INITS:
+            raise ValueError(f"simplifier init must be one of {SIMPLIFIER_INITS}, got {init!r}")
         self.config: dict[str, Any] = {"base_channels": base_channels, "levels": levels,
-                                       "max_channels": max_channels, "mode": mode, "eps": eps}
+                                       "max_channels": max_channels, "mode": mode, "eps": eps, "init": init}
         self.unet = UNet(1, 1, base_channels, levels, max_channels)
         self.alpha = nn.Parameter(torch.zeros(()))
+        if init == "zero_head":
+            # Identity either way. With alpha = 0 (the paper's init) only alpha gets a gradient at
+            # first, so Adam spends ~1/lr steps growing it before the U-Net learns anything; a zero
+            # output conv with alpha = 1 lets every weight learn from the first step.
+            with torch.no_grad():
+                nn.init.zeros_(self.unet.head.weight)
+                nn.init.zeros_(self.unet.head.bias)
+                self.alpha.fill_(1.0)
         self.mode = mode
         self.eps = eps
 

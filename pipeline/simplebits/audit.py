@@ -121,24 +121,6 @@ class AuditTrainConfig(StrictModel):
     weight_decay: float = 5e-5
     eval_batch_size: int = 128
     max_minutes: float | None = None  # a safety cap; the schedules follow the planned epochs
-    # zero_head: the U-Net's last conv starts at 0 and alpha at 1 (identity, every weight learns at
-    # once); zero_alpha: the simplifier's own init (alpha = 0), which spent ~60 steps growing alpha
-    init: Literal["zero_head", "zero_alpha"] = "zero_head"
-
-
-def init_identity(simplifier: Simplifier, init: str) -> Simplifier:
-    """Make ``simplifier`` the identity so that the first gradient step already edits the image.
-
-    With ``alpha = 0`` only ``alpha`` receives a gradient at first (the U-Net's gradients are scaled
-    by it), so Adam needs ~1/lr steps before the U-Net learns anything. Zeroing the U-Net's output
-    conv instead (``alpha = 1``) keeps the identity while the whole head trains from step one.
-    """
-    if init == "zero_head":
-        with torch.no_grad():
-            nn.init.zeros_(simplifier.unet.head.weight)
-            nn.init.zeros_(simplifier.unet.head.bias)
-            simplifier.alpha.fill_(1.0)
-    return simplifier
 
 
 def scheduled(train: AuditTrainConfig, lam: float, step: int, total_steps: int) -> tuple[float, float]:
@@ -427,7 +409,7 @@ def run_audit(
         raise ValueError("run_audit needs at least one frozen classifier")
     seed_everything(config.seed)
     prior = prior.to(device).eval().requires_grad_(False)
-    simplifier = init_identity(create_simplifier(**config.simplifier.model_dump()), config.train.init).to(device)
+    simplifier = create_simplifier(**config.simplifier.model_dump()).to(device)
     optimizer = torch.optim.Adam(
         simplifier.parameters(),
         lr=config.train.lr,

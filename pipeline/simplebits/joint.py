@@ -35,7 +35,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
@@ -83,6 +83,7 @@ class SimplifierConfig(StrictModel):
     max_channels: int = 128
     mode: str = "logit"
     eps: float = 0.05
+    init: Literal["zero_head", "zero_alpha"] = "zero_head"  # both start as the identity (models/simplifier.py)
 
 
 class ObjectiveConfig(StrictModel):

@@ -23,7 +23,7 @@ def test_identity_on_the_8bit_grid_at_init(mode, size):
 
 
 def test_output_is_on_the_8bit_grid_in_range_after_an_edit():
-    simplifier = Simplifier(base_channels=8, levels=3)
+    simplifier = Simplifier(base_channels=8, levels=3, init="zero_alpha")  # a random U-Net output to scale
     with torch.no_grad():
         simplifier.alpha.fill_(3.0)
     x = grid_images(2, 32)
@@ -34,7 +34,7 @@ def test_output_is_on_the_8bit_grid_in_range_after_an_edit():
 
 
 def test_gradients_pass_the_quantisation_and_clamp():
-    simplifier = Simplifier(base_channels=8, levels=2)
+    simplifier = Simplifier(base_channels=8, levels=2, init="zero_alpha")
     x = grid_images(2, 16)
     simplifier(x).mean().backward()
     assert simplifier.alpha.grad is not None and simplifier.alpha.grad.abs() > 0
@@ -48,7 +48,7 @@ def test_soft_clamp_is_straight_through():
     assert torch.equal(x.grad, torch.ones(3))
 
 
-def marker_after_flattening(steps: int, mode: str = "logit", eps: float = 0.05) -> float:
+def marker_after_flattening(steps: int, mode: str = "logit", eps: float = 0.05, init: str = "zero_alpha") -> float:
     """Optimise the simplifier to flatten a textured image with a saturated white marker to grey 0.4.
 
     The texture competes with the marker for the shared parameters, as the bpd term does in training;
@@ -59,7 +59,7 @@ def marker_after_flattening(steps: int, mode: str = "logit", eps: float = 0.05) 
     x = torch.round((0.4 + 0.15 * noise).clamp(0, 1) * 255) / 255
     x[:, :, 8:16, 8:16] = 1.0
     target = torch.full_like(x, 0.4)
-    simplifier = Simplifier(base_channels=8, levels=3, mode=mode, eps=eps)
+    simplifier = Simplifier(base_channels=8, levels=3, mode=mode, eps=eps, init=init)
     optimizer = torch.optim.Adam(simplifier.parameters(), lr=3e-3, betas=(0.5, 0.99))
     for _ in range(steps):
         loss = ((simplifier(x) - target) ** 2).mean()
@@ -76,9 +76,13 @@ def test_a_saturated_marker_can_be_removed(mode):
 
 
 def test_paper_clamp_leaves_the_marker_where_large_eps_removes_it():
-    """The prototype's pitfall: with eps=1/512 the marker sits where the sigmoid is flat."""
+    """The prototype's pitfall (paper init, alpha = 0): with eps=1/512 the marker sits where the sigmoid is flat."""
     assert marker_after_flattening(40, eps=1 / 512) > 0.9
     assert marker_after_flattening(40, eps=0.05) < 0.7
+
+
+def test_default_init_removes_a_saturated_marker():
+    assert marker_after_flattening(40, init="zero_head") < 0.7
 
 
 def test_unet_rejects_sizes_it_cannot_halve():
@@ -92,7 +96,7 @@ def test_rejects_colour_images():
 
 
 def test_save_and_load_round_trip(tmp_path):
-    simplifier = Simplifier(base_channels=8, levels=2, eps=0.04)
+    simplifier = Simplifier(base_channels=8, levels=2, eps=0.04, init="zero_alpha")
     with torch.no_grad():
         simplifier.alpha.fill_(0.7)
     path = save_simplifier(simplifier, tmp_path / "simplifier.safetensors", task="effusion", lam=1.0)

@@ -24,7 +24,6 @@ from pipeline.simplebits.audit import (
     AuditTrainConfig,
     audit_command,
     audit_study_command,
-    init_identity,
     run_audit,
     scheduled,
     simplify_study,
@@ -250,7 +249,7 @@ def test_schedule_decays_lr_and_warms_up_lam():
 @pytest.mark.parametrize("init", ["zero_head", "zero_alpha"])
 def test_identity_init_keeps_the_image_and_zero_head_trains_the_unet_at_once(init):
     torch.manual_seed(0)
-    simplifier = init_identity(create_simplifier(base_channels=8, levels=3), init)
+    simplifier = create_simplifier(base_channels=8, levels=3, init=init)
     x = torch.randint(0, 256, (2, 1, 32, 32)).float() / 255
     out = simplifier(x)
     assert torch.equal(out, x)

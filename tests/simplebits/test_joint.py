@@ -161,9 +161,9 @@ def test_lookahead_gradient_reaches_the_simplifier(prior):
     torch.manual_seed(0)
     x = distractor_cohort(16, 3).float()
     y = distractor_cohort(16, 3).labels("effusion")
-    simplifier = Simplifier(base_channels=8, levels=3)
+    simplifier = Simplifier(base_channels=8, levels=3, init="zero_alpha")
     with torch.no_grad():
-        simplifier.alpha.fill_(0.5)  # away from 0, so the U-Net weights get gradients too
+        simplifier.alpha.fill_(0.5)  # a random U-Net scaled by a non-zero alpha: every weight gets a gradient
     classifier = create_classifier("nf_cnn")
     optimizer = torch.optim.AdamW(classifier.parameters(), lr=1e-3)
     for _ in range(2):  # non-empty optimiser state, as in training
