@@ -44,6 +44,7 @@ from pipeline.data.ingest import TASKS, Cohort, load_cohort, task_labels
 from pipeline.data.manifest import SPLITS
 from pipeline.models.bpd import bits_per_dim
 from pipeline.runtime.atomic import atomic_path, atomic_write_bytes, atomic_write_text
+from pipeline.runtime.csv_log import AppendOnlyCsv
 from pipeline.runtime.device import autocast
 from pipeline.runtime.distributed import barrier, init_distributed, shard, shutdown_distributed
 from pipeline.runtime.progress import progress
@@ -218,31 +219,14 @@ def prune_parts(out_dir: str | Path) -> None:
             atomic_write_text(path, pruned)
 
 
-class PartWriter:
+class PartWriter(AppendOnlyCsv):
     """Appends rows to ``parts/part-<rank>.csv`` and flushes each batch, so finished work survives a kill."""
 
     def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        new = not self.path.is_file() or self.path.stat().st_size == 0
-        self._fh = open(self.path, "a", newline="", encoding="utf-8")
-        self._writer = csv.writer(self._fh, lineterminator="\n")
-        if new:
-            self._writer.writerow(PART_COLUMNS)
-            self._fh.flush()
+        super().__init__(path, PART_COLUMNS)
 
     def write(self, rows: Iterable[Sequence[str]]) -> None:
-        self._writer.writerows(rows)
-        self._fh.flush()
-
-    def close(self) -> None:
-        self._fh.close()
-
-    def __enter__(self) -> PartWriter:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+        self.write_rows(rows)
 
 
 def rows_to_frame(rows: Sequence[Sequence[str]]) -> pd.DataFrame:

@@ -29,7 +29,6 @@ from __future__ import annotations
 import csv
 import functools
 import logging
-import os
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -49,6 +48,7 @@ from pipeline.data.manifest import read_manifest, resolve_image_paths, write_man
 from pipeline.data.transforms import DEFAULT_SIZE, ingest_transforms, validate_size
 from pipeline.io.readers import RadiographReadError
 from pipeline.runtime.atomic import atomic_save
+from pipeline.runtime.csv_log import AppendOnlyCsv
 from pipeline.runtime.distributed import barrier, shard
 from pipeline.runtime.progress import progress
 
@@ -166,40 +166,14 @@ def _run_studies(jobs: Sequence[tuple], workers: int) -> Iterator[StudyResult]:
 # --- status table ---------------------------------------------------------------------------
 
 
-class StatusWriter:
+class StatusWriter(AppendOnlyCsv):
     """Appends status rows, one flushed line per study; repairs a line torn by a kill."""
 
     def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        new = not self.path.exists() or self.path.stat().st_size == 0
-        torn = not new and _last_byte(self.path) != b"\n"
-        self._fh = open(self.path, "a", newline="", encoding="utf-8")
-        if torn:
-            self._fh.write("\n")
-        self._writer = csv.writer(self._fh, lineterminator="\n")
-        if new:
-            self._writer.writerow(STATUS_COLUMNS)
-        self._fh.flush()
+        super().__init__(path, STATUS_COLUMNS)
 
     def write(self, result: StudyResult) -> None:
-        self._writer.writerow([result.study_id, result.status, result.reason, f"{result.seconds:.4f}"])
-        self._fh.flush()
-
-    def close(self) -> None:
-        self._fh.close()
-
-    def __enter__(self) -> StatusWriter:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-def _last_byte(path: Path) -> bytes:
-    with open(path, "rb") as fh:
-        fh.seek(-1, os.SEEK_END)
-        return fh.read(1)
+        self.write_rows([[result.study_id, result.status, result.reason, f"{result.seconds:.4f}"]])
 
 
 def read_status(path: str | Path) -> pd.DataFrame:
