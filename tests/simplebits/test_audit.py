@@ -13,9 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.data.ingest import Cohort
 from pipeline.models.classifiers import create_classifier, save_classifier
-from pipeline.models.glow import Glow
 from pipeline.models.simplifier import create_simplifier, load_simplifier
 from pipeline.prior import save_prior
 from pipeline.simplebits import audit
@@ -38,30 +36,8 @@ from pipeline.simplebits.matching import (
 )
 from pipeline.training.classifier import ClassifyConfig, fit_classifier
 
-SIZE = 32
+from toy_tasks import SIZE, distractor_cohort, tiny_prior
 TASK = "effusion"
-
-
-def distractor_cohort(n: int, seed: int, split: str = "train") -> Cohort:
-    g = torch.Generator().manual_seed(seed)
-    y = torch.randint(0, 2, (n,), generator=g)
-    x = torch.full((n, 1, SIZE, SIZE), 0.5)
-    x[:, :, 5:11, 5:11] = (0.3 + 0.4 * y.float()).view(n, 1, 1, 1)
-    x[:, :, :, SIZE // 2 :] = 0.2 + 0.6 * torch.rand(n, 1, SIZE, SIZE // 2, generator=g)
-    frame = pd.DataFrame(
-        {"study_id": [f"std-{split}-{i:04d}" for i in range(n)], TASK: y.numpy(), "split": split}
-    )
-    return Cohort(torch.round(x * 255).to(torch.uint8), frame)
-
-
-def tiny_prior() -> Glow:
-    torch.manual_seed(0)
-    glow = Glow(in_channels=1, levels=2, steps_per_level=2, hidden_channels=16)
-    smooth = 0.5 + 0.03 * F.interpolate(torch.randn(16, 1, 4, 4), size=SIZE, mode="bilinear")
-    glow.train()
-    with torch.no_grad():  # data-dependent ActNorm init on near-flat images
-        glow.log_prob(smooth * 255 / 256 - 0.5 + 1 / 512)
-    return glow.eval().requires_grad_(False)
 
 
 def tiny_config(lam: float = 2.0, epochs: int = 6, **overrides) -> AuditConfig:

@@ -6,11 +6,9 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-import torch.nn.functional as F
 
 from pipeline.data.ingest import Cohort
 from pipeline.models.bpd import bits_per_dim
-from pipeline.models.glow import Glow
 from pipeline.prior import save_prior
 from pipeline.simplebits import condense as condense_module
 from pipeline.simplebits.condense import (
@@ -23,7 +21,7 @@ from pipeline.simplebits.condense import (
     loss_weights,
 )
 
-SIZE = 32
+from toy_tasks import SIZE, tiny_prior
 TASK = "effusion"
 
 
@@ -37,16 +35,6 @@ def square_cohort(n: int, seed: int, split: str = "train") -> Cohort:
         {"study_id": [f"std-{split}-{i:04d}" for i in range(n)], TASK: y.numpy(), "split": split}
     )
     return Cohort(torch.round(x * 255).to(torch.uint8), frame)
-
-
-def tiny_prior() -> Glow:
-    torch.manual_seed(0)
-    glow = Glow(in_channels=1, levels=2, steps_per_level=2, hidden_channels=16)
-    smooth = 0.5 + 0.03 * F.interpolate(torch.randn(16, 1, 4, 4), size=SIZE, mode="bilinear")
-    glow.train()
-    with torch.no_grad():
-        glow.log_prob(smooth * 255 / 256 - 0.5 + 1 / 512)
-    return glow.eval().requires_grad_(False)
 
 
 def tiny_config(lam, iterations: int = 8) -> CondenseConfig:
