@@ -10,6 +10,7 @@ written to the run folder before anything runs.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import shutil
@@ -220,9 +221,7 @@ def _report_stage(config: RunConfig, folder: RunFolder, tracker: Tracker) -> Non
 
     name = config.report.simplify
     write_run_study_reports(folder.root, name)
-    sweep_path = folder.root / "simplify" / name / "sweep.csv"
-    sweep = pd.read_csv(sweep_path) if sweep_path.is_file() else None
-    write_run_cohort_report(folder.root, name, sweep=sweep)
+    write_run_cohort_report(folder.root, name, sweep=_tradeoff_table(folder.root / "simplify" / name, name))
     if config.report.dicom_secondary_capture:
         from pipeline.io.dicom_write import write_run_secondary_captures
 
@@ -231,6 +230,26 @@ def _report_stage(config: RunConfig, folder: RunFolder, tracker: Tracker) -> Non
     tracker.log_artifact(folder.root / "cohort_report", "cohort_report")
     table = pd.read_parquet(folder.root / "cohort_report" / "studies.parquet")
     tracker.log_dataset(table, f"study-table-{name}", context="analysis")
+
+
+def _tradeoff_table(sim_dir: Path, name: str) -> pd.DataFrame | None:
+    """bpd vs AUROC for the report's trade-off plot: the run (or its lambda sweep) and the baselines
+    matched to its bpd (``method, lam|strength, mean_bpd, auroc, auroc_orig``)."""
+    metrics_path = sim_dir / "metrics.json"
+    if not metrics_path.is_file():
+        return None
+    metrics = json.loads(metrics_path.read_text())
+    sweep_path = sim_dir / "sweep.csv"
+    rows = [pd.read_csv(sweep_path)] if sweep_path.is_file() else [pd.DataFrame([{
+        "method": f"simplebits-{name.split('-')[0]}", "lam": metrics.get("lam"),
+        "mean_bpd": metrics.get("val_bpd_simpl"), "auroc": metrics.get("val_auroc_simpl")}])]
+    baselines_path = sim_dir / "baselines.csv"
+    if baselines_path.is_file():
+        baselines = pd.read_csv(baselines_path)
+        rows.append(baselines.loc[baselines["reached"].astype(bool), ["method", "strength", "mean_bpd", "auroc"]])
+    table = pd.concat(rows, ignore_index=True)
+    table["auroc_orig"] = metrics.get("val_auroc_orig")
+    return table
 
 
 def _scalars(values: dict[str, Any]) -> dict[str, Any]:
