@@ -34,6 +34,7 @@ dates never leave this module.
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Sequence
 from os import PathLike
 from pathlib import Path
@@ -42,6 +43,12 @@ from typing import Any
 import numpy as np
 from monai.data.image_reader import ImageReader
 from monai.utils import ensure_tuple
+
+# MONAI builds its GPU DICOM reader whenever LoadImage is constructed and warns (and logs) on every
+# machine without nvImageCodec. DICOM never goes through MONAI's readers here (RadiographReader decodes it),
+# so the warning only alarms users of every ingest.
+warnings.filterwarnings("ignore", message="NvImgCodecPydicomReader: nvImageCodec", category=UserWarning)
+logging.getLogger("monai.data.nvimgcodec_pydicom_plugin").setLevel(logging.ERROR)
 
 log = logging.getLogger(__name__)
 
