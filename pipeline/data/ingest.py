@@ -378,6 +378,14 @@ def load_cohort(ingest_dir: str | Path, split: str | None = None, task: str | No
     return Cohort(images=images, frame=frame, study_ids=frame["study_id"].tolist())
 
 
+def load_task_splits(ingest_dir: str | Path, task: str) -> dict[str, Cohort]:
+    """``{"train", "val", "test"}`` cohorts labelled for ``task``; training needs train and val non-empty."""
+    cohorts = {split: load_cohort(ingest_dir, split=split, task=task) for split in ("train", "val", "test")}
+    if len(cohorts["train"]) == 0 or len(cohorts["val"]) == 0:
+        raise ValueError(f"{ingest_dir}: need labelled train and val studies for task {task!r}")
+    return cohorts
+
+
 def _load_cached(path: Path) -> np.ndarray:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: cached image missing; re-run simplebits ingest")

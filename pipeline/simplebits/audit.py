@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.config import StrictModel, save_resolved_config
-from pipeline.data.ingest import Cohort, load_cohort
+from pipeline.data.ingest import Cohort, load_cohort, load_task_splits
 from pipeline.models.bpd import bits_per_dim, quantize_8bit
 from pipeline.models.classifiers import load_classifier
 from pipeline.models.simplifier import Simplifier, create_simplifier, save_simplifier, soft_clamp
@@ -849,9 +849,7 @@ def audit_command(
         log.info("%s exists; audit already done (use --force to redo)", metrics_path)
         return json.loads(metrics_path.read_text())
     context = init_distributed(config.device)
-    cohorts = {split: load_cohort(ingest_dir, split=split, task=task) for split in ("train", "val", "test")}
-    if len(cohorts["train"]) == 0 or len(cohorts["val"]) == 0:
-        raise ValueError(f"{ingest_dir}: need labelled train and val studies for task {task!r}")
+    cohorts = load_task_splits(ingest_dir, task)
     prior = load_prior(config.prior, device=context.device)
     classifiers = load_frozen_classifiers(config.classifiers, context.device)
     tracker = Tracker(

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.config import StrictModel, save_resolved_config
-from pipeline.data.ingest import Cohort, load_cohort
+from pipeline.data.ingest import Cohort, load_task_splits
 from pipeline.metrics import accuracy, auroc
 from pipeline.models.bpd import bits_per_dim, quantize_8bit
 from pipeline.prior import load_prior
@@ -435,9 +435,8 @@ def condense_command(
     device = pick_device(config.device)
     lams = config.condense.lam if isinstance(config.condense.lam, list) else [config.condense.lam]
     is_sweep = isinstance(config.condense.lam, list)
-    train, val = (load_cohort(ingest_dir, split=s, task=task) for s in ("train", "val"))
-    if len(train) == 0 or len(val) == 0:
-        raise ValueError(f"{ingest_dir}: need labelled train and val studies for task {task!r}")
+    cohorts = load_task_splits(ingest_dir, task)
+    train, val = cohorts["train"], cohorts["val"]
     prior = load_prior(config.prior, device=device)
     tracker = Tracker(
         out_dir,

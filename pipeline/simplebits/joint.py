@@ -46,7 +46,7 @@ from torch import nn
 from torch.func import functional_call
 
 from pipeline.config import StrictModel, save_resolved_config
-from pipeline.data.ingest import Cohort, load_cohort
+from pipeline.data.ingest import Cohort, load_task_splits
 from pipeline.metrics import accuracy, auroc
 from pipeline.models.bpd import bits_per_dim
 from pipeline.models.classifiers import create_classifier, read_state_dict, save_classifier
@@ -494,9 +494,7 @@ def run_joint(ingest_dir: str | Path, out_dir: str | Path, config: JointConfig, 
     context = init_distributed(config.device)
     lams = config.simplify.lam if isinstance(config.simplify.lam, list) else [config.simplify.lam]
     is_sweep = isinstance(config.simplify.lam, list)
-    cohorts = {split: load_cohort(ingest_dir, split=split, task=task) for split in ("train", "val", "test")}
-    if len(cohorts["train"]) == 0 or len(cohorts["val"]) == 0:
-        raise ValueError(f"{ingest_dir}: need labelled train and val studies for task {task!r}")
+    cohorts = load_task_splits(ingest_dir, task)
     prior = load_prior(config.prior, device=context.device)
     tracker = tracker or Tracker(out_dir, uri=config.tracking.uri, experiment=config.tracking.experiment,
                                  enabled=context.is_main and config.tracking.enabled)

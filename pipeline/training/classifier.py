@@ -32,7 +32,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 from pipeline.config import StrictModel, save_resolved_config
-from pipeline.data.ingest import load_cohort
+from pipeline.data.ingest import load_task_splits
 from pipeline.metrics import binary_metrics
 from pipeline.models.classifiers import create_classifier, save_classifier
 from pipeline.runtime.atomic import atomic_write_text
@@ -273,9 +273,7 @@ def train_classifier_run(ingest_dir: str | Path, out_dir: str | Path, config: Cl
         return json.loads(metrics_path.read_text())
 
     context = init_distributed(config.device)
-    cohorts = {split: load_cohort(ingest_dir, split=split, task=task) for split in ("train", "val", "test")}
-    if len(cohorts["train"].study_ids) == 0 or len(cohorts["val"].study_ids) == 0:
-        raise ValueError(f"{ingest_dir}: need labelled train and val studies for task {task!r}")
+    cohorts = load_task_splits(ingest_dir, task)
     tracker = Tracker(out_dir, uri=config.tracking.uri, experiment=config.tracking.experiment,
                       enabled=context.is_main and config.tracking.enabled)
     if context.is_main:

@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import pipeline.data.ingest as ingest_module
 from pipeline.models.classifiers import create_classifier, save_classifier
 from pipeline.models.simplifier import create_simplifier, load_simplifier
 from pipeline.prior import save_prior
@@ -261,9 +262,11 @@ def test_audit_command_writes_outputs_and_skips_when_done(cohorts, frozen, prior
         "val": distractor_cohort(32, 8, "val"),
         "test": distractor_cohort(16, 9, "test"),
     }
-    monkeypatch.setattr(
-        audit, "load_cohort", lambda ingest, split=None, task=None: parts[split] if split else parts["val"]
-    )
+    def fake_load_cohort(ingest, split=None, task=None):
+        return parts[split] if split else parts["val"]
+
+    monkeypatch.setattr(ingest_module, "load_cohort", fake_load_cohort)
+    monkeypatch.setattr(audit, "load_cohort", fake_load_cohort)
     prior_path = save_prior(prior, tmp_path / "prior")
     weights = save_classifier(frozen, tmp_path / "elsewhere.safetensors", "nf_cnn")
     # a classifier trained elsewhere: no .json next to it, the network name comes from the config

@@ -7,10 +7,10 @@ import pandas as pd
 import pytest
 import torch
 
+import pipeline.data.ingest as ingest_module
 from pipeline.data.ingest import Cohort
 from pipeline.models.bpd import bits_per_dim
 from pipeline.prior import save_prior
-from pipeline.simplebits import condense as condense_module
 from pipeline.simplebits.condense import (
     CondenseConfig,
     ConvNet,
@@ -128,7 +128,7 @@ def test_condensed_images_carry_the_task(condensed, prior, cohorts):
 def test_condense_command_sweep_writes_outputs_and_resumes(prior, cohorts, tmp_path, monkeypatch):
     train, val = cohorts
     monkeypatch.setattr(
-        condense_module, "load_cohort", lambda ingest, split, task: {"train": train, "val": val}[split]
+        ingest_module, "load_cohort", lambda ingest, split, task: {"train": train, "val": val, "test": val}[split]
     )
     config = tiny_config([0.0, 100.0], iterations=2).model_copy(
         update={"prior": str(save_prior(prior, tmp_path / "p"))}

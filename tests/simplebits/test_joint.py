@@ -13,11 +13,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import pipeline.data.ingest as ingest_module
 from pipeline.models.bpd import bits_per_dim
 from pipeline.models.classifiers import create_classifier, load_classifier
 from pipeline.models.simplifier import Simplifier, load_simplifier
 from pipeline.prior import save_prior
-from pipeline.simplebits import joint
 from pipeline.simplebits.joint import (
     JointConfig,
     evaluate_joint,
@@ -186,7 +186,7 @@ def test_train_joint_needs_a_single_lambda(prior, cohorts):
 def test_run_joint_sweep_writes_outputs_and_skips_finished_runs(prior, tmp_path, monkeypatch):
     cohorts = {"train": distractor_cohort(64, 7), "val": distractor_cohort(32, 8, "val"),
                "test": distractor_cohort(16, 9, "test")}
-    monkeypatch.setattr(joint, "load_cohort", lambda ingest, split, task: cohorts[split])
+    monkeypatch.setattr(ingest_module, "load_cohort", lambda ingest, split, task: cohorts[split])
     prior_path = save_prior(prior, tmp_path / "prior")
     config = tiny_config(1.0, epochs=1).model_copy(update={"prior": str(prior_path)})
     config = config.model_copy(update={"simplify": config.simplify.model_copy(update={"lam": [0.0, 1.0]})})
