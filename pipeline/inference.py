@@ -442,8 +442,7 @@ def run_apply(config: ApplyConfig) -> dict[str, float]:
         predictions = merge_parts(out_dir, cohort.study_ids)
         summary = summarize(predictions, task, num_dims=cohort.images[0].numel())
         atomic_write_text(out_dir / METRICS_NAME, json.dumps({**summary, "task": task}, indent=2) + "\n")
-        tracker = Tracker(out_dir, uri=config.tracking.uri, experiment=config.tracking.experiment,
-                          enabled=config.tracking.enabled)
+        tracker = Tracker.from_config(out_dir, config.tracking)
         with tracker.run("apply", params=config.model_dump(mode="json"), tags={"task": task or ""}):
             tracker.log_metrics({k: v for k, v in summary.items() if not math.isnan(v)})
             tracker.log_artifact(out_dir / PREDICTIONS_NAME)

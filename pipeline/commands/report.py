@@ -94,7 +94,7 @@ def run_report(args: argparse.Namespace) -> int:
         summary["secondary_captures"] = len(
             write_run_secondary_captures(run_dir, config.simplify, config.dicom.allow_identity))
     if config.tracking.enabled and not args.no_mlflow:
-        tracker = Tracker(run_dir, uri=config.tracking.uri, experiment=config.tracking.experiment)
+        tracker = Tracker.from_config(run_dir, config.tracking)
         with tracker.run(f"report-{config.simplify}", params=config.model_dump(mode="json")):
             import pandas as pd
 

@@ -176,8 +176,7 @@ def train_prior(
         objective = torch.nn.parallel.DistributedDataParallel(
             objective, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
 
-    tracker = Tracker(out_dir, uri=config.tracking.uri, experiment=config.tracking.experiment,
-                      enabled=ctx.is_main and config.tracking.enabled)
+    tracker = Tracker.from_config(out_dir, config.tracking, enabled=ctx.is_main)
     if ctx.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         save_resolved_config(config, out_dir)

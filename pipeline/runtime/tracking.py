@@ -125,6 +125,11 @@ class Tracker:
         else:
             self.experiment_id = exp.experiment_id
 
+    @classmethod
+    def from_config(cls, run_dir: str | Path, tracking: TrackingConfig, enabled: bool = True) -> Tracker:
+        """The tracker a command's ``tracking`` section asks for; ``enabled=False`` e.g. on DDP ranks > 0."""
+        return cls(run_dir, uri=tracking.uri, experiment=tracking.experiment, enabled=enabled and tracking.enabled)
+
     @contextlib.contextmanager
     def run(
         self,

@@ -852,12 +852,7 @@ def audit_command(
     cohorts = load_task_splits(ingest_dir, task)
     prior = load_prior(config.prior, device=context.device)
     classifiers = load_frozen_classifiers(config.classifiers, context.device)
-    tracker = Tracker(
-        out_dir,
-        uri=config.tracking.uri,
-        experiment=config.tracking.experiment,
-        enabled=context.is_main and config.tracking.enabled,
-    )
+    tracker = Tracker.from_config(out_dir, config.tracking, enabled=context.is_main)
     if context.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         save_resolved_config(config, out_dir)

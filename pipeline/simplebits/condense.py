@@ -438,12 +438,7 @@ def condense_command(
     cohorts = load_task_splits(ingest_dir, task)
     train, val = cohorts["train"], cohorts["val"]
     prior = load_prior(config.prior, device=device)
-    tracker = Tracker(
-        out_dir,
-        uri=config.tracking.uri,
-        experiment=config.tracking.experiment,
-        enabled=config.tracking.enabled,
-    )
+    tracker = Tracker.from_config(out_dir, config.tracking)
     summaries: list[dict[str, Any]] = []
     full_reference: dict[str, float] | None = None
     for lam in lams:

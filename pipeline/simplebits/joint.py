@@ -496,8 +496,7 @@ def run_joint(ingest_dir: str | Path, out_dir: str | Path, config: JointConfig, 
     is_sweep = isinstance(config.simplify.lam, list)
     cohorts = load_task_splits(ingest_dir, task)
     prior = load_prior(config.prior, device=context.device)
-    tracker = tracker or Tracker(out_dir, uri=config.tracking.uri, experiment=config.tracking.experiment,
-                                 enabled=context.is_main and config.tracking.enabled)
+    tracker = tracker or Tracker.from_config(out_dir, config.tracking, enabled=context.is_main)
     summaries = []
     for lam in lams:
         run_config = config.model_copy(update={"simplify": config.simplify.model_copy(update={"lam": float(lam)})})

@@ -274,8 +274,7 @@ def train_classifier_run(ingest_dir: str | Path, out_dir: str | Path, config: Cl
 
     context = init_distributed(config.device)
     cohorts = load_task_splits(ingest_dir, task)
-    tracker = Tracker(out_dir, uri=config.tracking.uri, experiment=config.tracking.experiment,
-                      enabled=context.is_main and config.tracking.enabled)
+    tracker = Tracker.from_config(out_dir, config.tracking, enabled=context.is_main)
     if context.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         save_resolved_config(config, out_dir)
