@@ -30,6 +30,7 @@ from pipeline.prior.train import PriorConfig
 from pipeline.runtime.tracking import PARENT_RUN_ENV, Tracker, TrackingConfig, resolve_tracking_uri
 from pipeline.simplebits.audit import AuditConfig, ClassifierSpec
 from pipeline.simplebits.joint import JointConfig
+from pipeline.simplebits.outcomes import IndependentConfig
 from pipeline.training.classifier import ClassifyConfig
 
 log = logging.getLogger(__name__)
@@ -58,6 +59,9 @@ class RunConfig(StrictModel):
     ingest: IngestConfig = IngestConfig()
     prior: PriorStageConfig = PriorStageConfig()
     classify: ClassifyConfig = ClassifyConfig()
+    # the check classifier of every SimpleBits run (another seed and architecture, originals only),
+    # trained once per task and handed to joint training and the audit by path
+    independent: IndependentConfig = IndependentConfig()
     joint: JointConfig = JointConfig()
     audit: AuditConfig = AuditConfig()
     report: ReportStageConfig = ReportStageConfig()
@@ -75,6 +79,9 @@ class RunFolder:
 
     def classifier(self, task: str) -> Path:
         return self.root / "classifier" / task
+
+    def independent(self, task: str) -> Path:
+        return self.root / "classifier" / f"{task}-independent"
 
     def simplify(self, setting: str, task: str) -> Path:
         return self.root / "simplify" / f"{setting}-{task}"
@@ -153,6 +160,20 @@ def _run_stages(config: RunConfig, folder: RunFolder, tracker: Tracker, timings:
             summary[f"classifier_{task}"] = _scalars(
                 train_classifier_run(folder.ingest, folder.classifier(task), task_config))
 
+    for task in dict.fromkeys([*config.tasks, *config.joint_tasks]):
+        with _stage(f"independent-{task}", timings):
+            from pipeline.training.classifier import train_classifier_run
+
+            spec = config.independent
+            independent_config = config.classify.model_copy(update={
+                "task": task, "seed": spec.seed, "model": spec.model, "train": spec.train,
+                "tracking": config.classify.tracking})
+            summary[f"independent_{task}"] = _scalars(
+                train_classifier_run(folder.ingest, folder.independent(task), independent_config))
+
+    def independent(task: str) -> IndependentConfig:
+        return IndependentConfig(path=str(folder.independent(task) / "model.safetensors"))
+
     for task in config.joint_tasks:
         with _stage(f"joint-{task}", timings):
             from pipeline.simplebits.joint import run_joint
@@ -161,17 +182,17 @@ def _run_stages(config: RunConfig, folder: RunFolder, tracker: Tracker, timings:
             # is what makes joint training fit the CPU budget (from scratch it barely simplifies).
             init = folder.classifier(task) / "model.safetensors"
             joint_config = config.joint.model_copy(update={
-                "task": task, "prior": prior_path,
+                "task": task, "prior": prior_path, "independent": independent(task),
                 "classifier_init": str(init) if init.is_file() else config.joint.classifier_init})
-            summary[f"joint_{task}"] = [_scalars(s) for s in
-                                        run_joint(folder.ingest, folder.simplify("joint", task), joint_config)]
+            summary[f"joint_{task}"] = [_scalars(s) for s in run_joint(
+                folder.ingest, folder.simplify("joint", task), joint_config, mask_dir=folder.cohort / "masks")]
 
     for task in config.tasks:
         with _stage(f"audit-{task}", timings):
             from pipeline.simplebits.audit import audit_command
 
             audit_config = config.audit.model_copy(update={
-                "task": task, "prior": prior_path,
+                "task": task, "prior": prior_path, "independent": independent(task),
                 "classifiers": [ClassifierSpec(path=str(folder.classifier(task) / "model.safetensors"))],
             })
             summary[f"audit_{task}"] = _scalars(audit_command(
@@ -246,7 +267,9 @@ def _tradeoff_table(sim_dir: Path, name: str) -> pd.DataFrame | None:
     baselines_path = sim_dir / "baselines.csv"
     if baselines_path.is_file():
         baselines = pd.read_csv(baselines_path)
-        rows.append(baselines.loc[baselines["reached"].astype(bool), ["method", "strength", "mean_bpd", "auroc"]])
+        # the table's own SimpleBits row is the run itself, already in ``rows``
+        keep = baselines["reached"].astype(bool) & ~baselines["method"].str.startswith("simplebits")
+        rows.append(baselines.loc[keep, ["method", "strength", "mean_bpd", "auroc"]])
     table = pd.concat(rows, ignore_index=True)
     table["auroc_orig"] = metrics.get("val_auroc_orig")
     return table

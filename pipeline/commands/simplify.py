@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import argparse
 import json
+from typing import Any, TypeVar
 
 from pipeline.config import add_config_arguments, config_from_args
 
 TASK_CHOICES = ("effusion", "sex")
+ConfigT = TypeVar("ConfigT", bound=Any)  # a JointConfig or AuditConfig (both have ``independent``)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -33,6 +35,7 @@ def register_train(actions: argparse._SubParsersAction) -> None:
     parser.add_argument("--prior", help="prior .safetensors (default: config prior, else the shipped prior)")
     parser.add_argument("--classifier-init", help="start the classifier from these weights (classify train's "
                         "model.safetensors; same network as the config's classifier)")
+    add_check_arguments(parser)
     parser.add_argument("--out", required=True, help="output folder, e.g. reports/<run>/simplify/joint-<task>")
     parser.add_argument("--force", action="store_true", help="retrain even if metrics.json exists")
     add_config_arguments(parser, "simplify_joint")
@@ -45,9 +48,25 @@ def run_train(args: argparse.Namespace) -> int:
 
     config = config_from_args(JointConfig, args, task=args.task, prior=args.prior,
                               classifier_init=args.classifier_init)
-    summaries = run_joint(args.ingest, args.out, config, force=args.force)
+    summaries = run_joint(args.ingest, args.out, with_independent(config, args.independent), force=args.force,
+                          mask_dir=args.masks)
     print(json.dumps([{k: v for k, v in s.items() if k != "history"} for s in summaries], indent=2))
     return 0
+
+
+def add_check_arguments(parser: argparse.ArgumentParser) -> None:
+    """The evaluation inputs joint training and the audit share (pipeline/simplebits/outcomes.py)."""
+    parser.add_argument("--independent", metavar="WEIGHTS",
+                        help="independent check classifier trained on originals (default: train one)")
+    parser.add_argument("--masks", help="ground-truth masks folder (demo cohort: <run>/cohort/masks)")
+
+
+def with_independent(config: ConfigT, path: str | None) -> ConfigT:
+    """``config`` with its ``independent`` check classifier loaded from ``path`` (if given)."""
+    if not path:
+        return config
+    return config.model_copy(update={"independent": config.independent.model_copy(
+        update={"enabled": True, "path": path})})
 
 
 def register_audit(actions: argparse._SubParsersAction) -> None:
@@ -65,10 +84,8 @@ def register_audit(actions: argparse._SubParsersAction) -> None:
     parser.add_argument("--classifier-arch", action="append", default=[], metavar="NAME",
                         help="registered network name of each --classifier (one for all, or one each; "
                              "default: the .json next to the weights)")
-    parser.add_argument("--independent", metavar="WEIGHTS",
-                        help="independent check classifier trained on originals (default: train one)")
     parser.add_argument("--prior", help="prior .safetensors (default: config prior, else the shipped prior)")
-    parser.add_argument("--masks", help="ground-truth masks folder (demo cohort: <run>/cohort/masks)")
+    add_check_arguments(parser)
     parser.add_argument("--per-study", metavar="STUDY_ID", help="audit one study by direct optimisation")
     parser.add_argument("--out", required=True,
                         help="output folder, e.g. reports/<run>/simplify/audit-<task>")
@@ -90,9 +107,7 @@ def run_audit(args: argparse.Namespace) -> int:
                              f"({len(args.classifier)}), got {len(archs)}")
         config = config.model_copy(update={"classifiers": [ClassifierSpec(path=p, name=a)
                                                            for p, a in zip(args.classifier, archs)]})
-    if args.independent:
-        config = config.model_copy(update={"independent": config.independent.model_copy(
-            update={"enabled": True, "path": args.independent})})
+    config = with_independent(config, args.independent)
     if not config.classifiers:
         raise SystemExit("simplify audit: give the frozen classifier with --classifier "
                          "(or classifiers: in the config)")

@@ -15,6 +15,17 @@ still multiplicative-like in logit space: small changes near black/white, large 
 
 ``mode="additive"`` is the simpler alternative ``x + alpha u(x)`` (same clamp and quantisation).
 
+``mode="scale_space"`` (the default) lets the U-Net choose, per pixel, how much detail to keep. With
+``z = logit(c)`` and ``z_k`` its Gaussian blurs at ``scales`` (pixels at 64 px, scaled with the image)::
+
+    z_tilde = z + alpha (u(x) + sum_k w_k(x) (z_k - z))
+
+where the U-Net outputs ``u`` and the per-pixel weights ``w_k`` (1 + K channels). ``w_k = 1`` on a
+region replaces it by its blur at scale k, ``w_k = 0`` keeps it, so flattening the upper lung fields
+while keeping the costophrenic angles, or painting out a burned-in marker, is a smooth weight map
+rather than the pixel-exact negative of the detail that the logit form has to learn. The identity at
+initialisation is exact as before (zero head or zero alpha).
+
 Single channel in and out: a radiograph stays grey (the paper's Gen-2 greyscale projection is
 unnecessary by construction). No BatchNorm: a per-channel affine (``AffineOnChannels``) like the
 paper's, so an image's simplification never depends on the rest of its batch.
@@ -23,10 +34,12 @@ paper's, so an image's simplification never depends on the rest of its batch.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -34,7 +47,8 @@ from pipeline.models.bpd import quantize_8bit
 from pipeline.runtime.atomic import atomic_path, atomic_write_text
 from pipeline.runtime.checkpoint import unwrap
 
-SIMPLIFIER_MODES = ("logit", "additive")
+SIMPLIFIER_MODES = ("scale_space", "logit", "additive")
+DEFAULT_SCALES = (1.0, 2.0, 4.0, 8.0)  # Gaussian sigmas in pixels of a 64 px image
 SIMPLIFIER_INITS = ("zero_head", "zero_alpha")
 
 
@@ -103,11 +117,26 @@ class UNet(nn.Module):
         return self.head(torch.cat([self.body(h), h], dim=1))
 
 
+def gaussian_blur_2d(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Separable Gaussian blur of ``(N, C, H, W)`` with reflect padding (radius ``ceil(3 sigma)``), differentiable."""
+    radius = min(math.ceil(3.0 * sigma), min(x.shape[-2:]) - 1)
+    if sigma <= 0 or radius < 1:
+        return x
+    offsets = torch.arange(-radius, radius + 1, device=x.device, dtype=x.dtype)
+    kernel = torch.exp(-0.5 * (offsets / sigma) ** 2)
+    kernel = (kernel / kernel.sum()).repeat(x.shape[1], 1, 1, 1)
+    x = F.conv2d(F.pad(x, (radius, radius, 0, 0), mode="reflect"), kernel.view(-1, 1, 1, 2 * radius + 1),
+                 groups=x.shape[1])
+    return F.conv2d(F.pad(x, (0, 0, radius, radius), mode="reflect"), kernel.view(-1, 1, 2 * radius + 1, 1),
+                    groups=x.shape[1])
+
+
 class Simplifier(nn.Module):
     """Residual U-Net simplifier: identity (on the 8-bit grid) at init, 8-bit grey output in [0, 1]."""
 
     def __init__(self, base_channels: int = 32, levels: int = 4, max_channels: int = 256,
-                 mode: str = "logit", eps: float = 0.05, init: str = "zero_head") -> None:
+                 mode: str = "scale_space", eps: float = 0.05, init: str = "zero_head",
+                 scales: tuple[float, ...] | list[float] = DEFAULT_SCALES) -> None:
         super().__init__()
         if mode not in SIMPLIFIER_MODES:
             raise ValueError(f"simplifier mode must be one of {SIMPLIFIER_MODES}, got {mode!r}")
@@ -115,9 +144,11 @@ class Simplifier(nn.Module):
             raise ValueError(f"eps must lie in (0, 0.5), got {eps}")
         if init not in SIMPLIFIER_INITS:
             raise ValueError(f"simplifier init must be one of {SIMPLIFIER_INITS}, got {init!r}")
+        self.scales = tuple(float(v) for v in scales) if mode == "scale_space" else ()
         self.config: dict[str, Any] = {"base_channels": base_channels, "levels": levels,
-                                       "max_channels": max_channels, "mode": mode, "eps": eps, "init": init}
-        self.unet = UNet(1, 1, base_channels, levels, max_channels)
+                                       "max_channels": max_channels, "mode": mode, "eps": eps, "init": init,
+                                       "scales": list(self.scales)}
+        self.unet = UNet(1, 1 + len(self.scales), base_channels, levels, max_channels)
         self.alpha = nn.Parameter(torch.zeros(()))
         if init == "zero_head":
             # Identity either way. With alpha = 0 (the paper's init) only alpha gets a gradient at
@@ -132,11 +163,16 @@ class Simplifier(nn.Module):
 
     def edit(self, x: torch.Tensor) -> torch.Tensor:
         """The continuous simplified image before clamping and quantisation."""
-        u = self.unet(2.0 * x - 1.0)
+        out = self.unet(2.0 * x - 1.0)
+        u = out[:, :1]
         if self.mode == "additive":
             return x + self.alpha * u
-        squeezed = self.eps + (1.0 - 2.0 * self.eps) * x
-        mixed = torch.sigmoid(torch.logit(squeezed) + self.alpha * u)
+        z = torch.logit(self.eps + (1.0 - 2.0 * self.eps) * x)
+        if self.mode == "scale_space":
+            pixels_per_unit = min(x.shape[-2:]) / 64.0
+            for k, sigma in enumerate(self.scales, start=1):
+                u = u + out[:, k:k + 1] * (gaussian_blur_2d(z, sigma * pixels_per_unit) - z)
+        mixed = torch.sigmoid(z + self.alpha * u)
         return (mixed - self.eps) / (1.0 - 2.0 * self.eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

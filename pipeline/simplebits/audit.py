@@ -56,34 +56,31 @@ from pipeline.runtime.distributed import all_reduce_mean, init_distributed, shar
 from pipeline.runtime.progress import progress
 from pipeline.runtime.seeding import seed_everything
 from pipeline.runtime.tracking import Tracker, null_tracker
-from pipeline.simplebits.baselines import apply_baseline
 from pipeline.simplebits.evaluate import (
     as_float_images,
-    baselines_at_matched_bpd,
-    bits_summary,
     classification_summary,
     deterministic_bpd,
-    flat_images,
-    load_masks,
-    mask_retention_table,
-    retention_summary,
-    retrain_on_simplified,
-    shortcut_flag,
 )
 from pipeline.simplebits.joint import SimplifierConfig, apply_gradients, simplify_images
 from pipeline.simplebits.matching import Reference, gate, match_evidence, reference_evidence
+from pipeline.simplebits.outcomes import (
+    IndependentConfig,
+    OutcomesConfig,
+    independent_classifier,
+    independent_scores,
+    retrain_config,
+    split_outcomes,
+    validation_extras,
+)
 from pipeline.training.classifier import (
     AugmentConfig,
-    ClassifyConfig,
-    ModelConfig,
     TrackingConfig,
-    TrainConfig,
     check_task,
-    fit_classifier,
     out_of_time,
     predict_proba,
     random_affine,
 )
+from pipeline.training.clipping import PercentileClip
 
 log = logging.getLogger(__name__)
 
@@ -99,11 +96,13 @@ class ClassifierSpec(StrictModel):
 
 
 class AuditObjectiveConfig(StrictModel):
-    lam: float = 2.0  # bpd weight
+    # bpd weight. Demo cohort, scale_space simplifier, 20 epochs: lam 8 / tau 0.1 gave bpd 4.06 -> 1.95
+    # at AUROC 0.976 (orig 0.972); lam 4 / tau 0.15 gave 1.68 but the independent check fell to 0.94x
+    lam: float = 8.0
     distance: Literal["normed_sse", "cosine"] = "normed_sse"
-    # gate: bits are charged only where the evidence distance is below tau; at 0.2 the demo
-    # effusion AUROC fell to 0.89 while bits were still charged (distance 0.13)
-    tau: float = 0.05
+    # gate: bits are charged only where the evidence distance is below tau, so tau bounds how far the
+    # evidence may drift (the distance settles just under it); see lam for the demo-cohort trade-off
+    tau: float = 0.1
     gate_margin: float = 1e-5  # ramp width of the gate (tiny: a step)
     gate_on: Literal["consistent", "correct"] = "consistent"  # keep the decision, or require the true label
     match_weight: float = 1.0
@@ -112,13 +111,14 @@ class AuditObjectiveConfig(StrictModel):
 
 
 class AuditTrainConfig(StrictModel):
-    epochs: int = 8
+    epochs: int = 20
     batch_size: int = 32
     lr: float = 1e-3  # with the zero_head init; 3e-3 overshot (broken images after one epoch, demo cohort)
     min_lr_fraction: float = 0.1  # cosine decay of the lr to this fraction over all planned steps
     lam_warmup_fraction: float = 0.0  # lam ramps linearly from 0 over this fraction of the steps
     betas: tuple[float, float] = (0.5, 0.99)
     weight_decay: float = 5e-5
+    clip_percentile: float | None = 80.0  # gradient norm clipped to this percentile of the last 400
     eval_batch_size: int = 128
     max_minutes: float | None = None  # a safety cap; the schedules follow the planned epochs
 
@@ -143,29 +143,6 @@ class PerStudyConfig(StrictModel):
     eps: float = 0.05  # logit squeeze, as the simplifier's: saturated pixels stay editable
 
 
-class IndependentConfig(StrictModel):
-    """The independent check classifier: loaded from ``path``, else trained on the originals."""
-
-    enabled: bool = True
-    path: str | None = None
-    name: str | None = None
-    kwargs: dict[str, Any] = {}
-    seed: int = 1
-    # a BatchNorm ResNet: a different architecture from the NF-WRN usually audited
-    model: ModelConfig = ModelConfig(name="monai_resnet18", kwargs={})
-    train: TrainConfig = TrainConfig(epochs=8)
-
-
-class AuditEvalConfig(StrictModel):
-    """Extra evaluations on the validation split after training (they cost CPU time; each can be off)."""
-
-    baselines: list[Literal["blur", "jpeg", "downsample"]] = ["blur", "jpeg", "downsample"]
-    retrain: bool = False  # fresh classifier on simplified train images (and on each baseline)
-    retrain_model: ModelConfig = ModelConfig(name="nf_cnn", kwargs={})
-    retrain_train: TrainConfig = TrainConfig(epochs=5)
-    shortcut_threshold: float = 0.5  # flag: mean retention of a label-correlated distractor above this
-
-
 class AuditConfig(StrictModel):
     task: str = "effusion"
     seed: int = 0
@@ -178,7 +155,7 @@ class AuditConfig(StrictModel):
     per_study: PerStudyConfig = PerStudyConfig()
     augment: AugmentConfig = AugmentConfig()
     independent: IndependentConfig = IndependentConfig()
-    evaluate: AuditEvalConfig = AuditEvalConfig()
+    evaluate: OutcomesConfig = OutcomesConfig()
     tracking: TrackingConfig = TrackingConfig()
 
 
@@ -353,35 +330,6 @@ def evaluate_audit(
 # Amortized audit
 
 
-def independent_classifier(
-    cohort_train: Cohort, cohort_val: Cohort, config: AuditConfig, device: torch.device
-) -> nn.Module | None:
-    """The check classifier: loaded (``independent.path``) or trained on the original images only."""
-    spec = config.independent
-    if not spec.enabled:
-        return None
-    if spec.path is not None:
-        return freeze(load_classifier(spec.path, spec.name, **spec.kwargs)).to(device)
-    task = config.task
-    train_config = ClassifyConfig(
-        task=task,
-        seed=spec.seed,
-        device=config.device,
-        model=spec.model,
-        train=spec.train,
-        augment=config.augment,
-        tracking=TrackingConfig(enabled=False),
-    )
-    result = fit_classifier(
-        cohort_train.images,
-        cohort_train.labels(task),
-        cohort_val.images,
-        cohort_val.labels(task),
-        train_config,
-    )
-    return freeze(result.model).to(device)
-
-
 def run_audit(
     cohort_train: Cohort,
     cohort_val: Cohort,
@@ -416,6 +364,7 @@ def run_audit(
         betas=config.train.betas,
         weight_decay=config.train.weight_decay,
     )
+    clip = PercentileClip(config.train.clip_percentile) if config.train.clip_percentile is not None else None
     start_epoch, history = 0, []
     if checkpoint_path is not None and Path(checkpoint_path).is_file():
         state = load_checkpoint(
@@ -425,6 +374,8 @@ def run_audit(
             map_location=device,
         )
         start_epoch, history = state["step"], list(state["extra"]["history"])
+        if clip is not None:
+            clip.load_state_dict(state["extra"]["clip"])
         log.info("resumed audit from %s at epoch %d", checkpoint_path, start_epoch)
 
     train_images, train_labels = cohort_train.images, cohort_train.labels(task)
@@ -469,7 +420,7 @@ def run_audit(
                 generator,
             )
             grads = torch.autograd.grad(losses["total"], params, allow_unused=True)
-            if not apply_gradients(params, list(grads), optimizer):
+            if not apply_gradients(params, list(grads), optimizer, clip):
                 sums["skipped"] += 1.0
             sums["match"] += float(losses["match"].detach())
             sums["kl"] += float(losses["kl"].detach())
@@ -509,7 +460,7 @@ def run_audit(
                 models={"simplifier": simplifier},
                 optimizers={"simplifier": optimizer},
                 step=epoch + 1,
-                extra={"history": history},
+                extra={"history": history, "clip": clip.state_dict() if clip is not None else None},
             )
         if out_of_time(started, config.train.max_minutes):
             log.info("time budget of %.1f min reached after epoch %d", config.train.max_minutes, epoch + 1)
@@ -519,35 +470,19 @@ def run_audit(
 
     simplifier.eval()
     if independent is None:
-        independent = independent_classifier(cohort_train, cohort_val, config, device)
+        independent = independent_classifier(
+            cohort_train, cohort_val, task, config.independent, config.augment, device
+        )
     if independent is not None:
+        batch_size = config.train.eval_batch_size
+        simplified = simplify_images(simplifier, cohort_val.images, device, batch_size)
         metrics.update(
-            independent_check(
-                independent, simplifier, cohort_val.images, val_labels, device, config.train.eval_batch_size
-            )
+            independent_scores(independent, cohort_val.images, simplified, val_labels, device, batch_size)
         )
         tracker.log_metrics(
             {k: v for k, v in metrics.items() if k.startswith("independent_") and math.isfinite(v)}
         )
     return AuditResult(simplifier=simplifier, metrics=metrics, history=history, independent=independent)
-
-
-def independent_check(
-    independent: nn.Module,
-    simplifier: nn.Module,
-    images: torch.Tensor,
-    labels: torch.Tensor,
-    device: torch.device,
-    batch_size: int = 128,
-) -> dict[str, float]:
-    """AUROC/accuracy of the independent classifier on originals vs the audit's simplified images."""
-    simplified = simplify_images(simplifier, images, device, batch_size)
-    summary = classification_summary(
-        labels,
-        predict_proba(independent, images, device, batch_size),
-        predict_proba(independent, simplified, device, batch_size),
-    )
-    return {f"independent_{k}": v for k, v in summary.items()}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -640,74 +575,6 @@ def _npy_bytes(array: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def retrain_config(config: AuditConfig) -> ClassifyConfig:
-    """The fresh classifier of retrain-on-simplified (and of the baselines' retraining)."""
-    return ClassifyConfig(
-        task=config.task,
-        seed=config.seed,
-        device=config.device,
-        model=config.evaluate.retrain_model,
-        train=config.evaluate.retrain_train,
-        augment=config.augment,
-        tracking=TrackingConfig(enabled=False),
-    )
-
-
-def validation_extras(
-    result: AuditResult,
-    classifiers: Sequence[nn.Module],
-    prior: nn.Module,
-    cohort_train: Cohort,
-    cohort_val: Cohort,
-    simplified_val: torch.Tensor,
-    target_bpd: float,
-    config: AuditConfig,
-) -> tuple[dict[str, float], pd.DataFrame]:
-    """Retrain-on-simplified and the matched-bpd baselines table (validation split)."""
-    device = pick_device(config.device)
-    task, ev = config.task, config.evaluate
-    labels = cohort_val.labels(task)
-    metrics: dict[str, float] = {}
-    retrain = None
-    if ev.retrain:
-        train_simplified = simplify_images(
-            result.simplifier, cohort_train.images, device, config.train.eval_batch_size
-        )
-        metrics.update(
-            retrain_on_simplified(
-                train_simplified,
-                cohort_train.labels(task),
-                simplified_val,
-                cohort_val.images,
-                labels,
-                retrain_config(config),
-            )
-        )
-
-        def retrain(kind: str, strength: float) -> dict[str, float]:
-            return retrain_on_simplified(
-                apply_baseline(cohort_train.images, kind, strength),
-                cohort_train.labels(task),
-                apply_baseline(cohort_val.images, kind, strength),
-                cohort_val.images,
-                labels,
-                retrain_config(config),
-            )
-
-    table = pd.DataFrame()
-    if ev.baselines:
-        table = baselines_at_matched_bpd(
-            prior,
-            cohort_val.images,
-            labels,
-            target_bpd,
-            lambda images: predict_proba(classifiers[0], images, device, config.train.eval_batch_size),
-            kinds=ev.baselines,
-            retrain=retrain,
-        )
-    return metrics, table
-
-
 def save_audit_outputs(
     result: AuditResult,
     classifiers: Sequence[nn.Module],
@@ -725,8 +592,7 @@ def save_audit_outputs(
     """
     out_dir = Path(out_dir)
     device = pick_device(config.device)
-    task = config.task
-    truth = _ground_truth(mask_dir)
+    task, ev, batch_size = config.task, config.evaluate, config.train.eval_batch_size
     frames, summary = (
         [],
         {
@@ -743,10 +609,6 @@ def save_audit_outputs(
         metrics, arrays = evaluate_audit(
             result.simplifier, classifiers, prior, cohort.images, labels, config, device
         )
-        bpd_flat = deterministic_bpd(prior, flat_images(cohort.images), config.train.eval_batch_size)
-        metrics.update(
-            bits_summary(arrays["bpd_orig"], arrays["bpd_simpl"], bpd_flat, cohort.images[0].numel())
-        )
         frame = pd.DataFrame(
             {
                 "study_id": cohort.study_ids,
@@ -759,23 +621,25 @@ def save_audit_outputs(
                 "evidence_distance": arrays["distance"].numpy(),
             }
         )
-        if mask_dir is not None:
-            masks = load_masks(mask_dir, cohort.study_ids, int(cohort.images.shape[-1]))
-            retention = mask_retention_table(cohort.study_ids, cohort.images, arrays["simplified"], masks)
-            metrics.update(retention_summary(retention))
-            frame = frame.merge(retention, on="study_id", how="left")
-            if truth is not None and len(retention):
-                metrics.update(_distractor_findings(truth, retention, frame, config.evaluate.shortcut_threshold))
+        found, frame = split_outcomes(
+            cohort, frame, arrays["simplified"], prior, mask_dir, ev.shortcut_threshold, batch_size
+        )
+        metrics.update(found)
         if split == "val" and "train" in cohorts:
             extras, table = validation_extras(
-                result,
-                classifiers,
-                prior,
+                "simplebits-audit",
                 cohorts["train"],
                 cohort,
+                task,
+                lambda: simplify_images(result.simplifier, cohorts["train"].images, device, batch_size),
                 arrays["simplified"],
-                metrics["bpd_simpl"],
-                config,
+                prior,
+                lambda images: predict_proba(classifiers[0], images, device, batch_size),
+                ev,
+                retrain_config(task, config.seed, config.device, ev, config.augment),
+                independent=None
+                if result.independent is None
+                else lambda images: predict_proba(result.independent, images, device, batch_size),
             )
             metrics.update(extras)
             if len(table):
@@ -800,38 +664,6 @@ def save_audit_outputs(
         out_dir / "metrics.json", json.dumps({**summary, "history": result.history}, indent=2, default=float)
     )
     return summary
-
-
-def _distractor_findings(
-    truth: pd.DataFrame, retention: pd.DataFrame, frame: pd.DataFrame, threshold: float
-) -> dict[str, Any]:
-    """Shortcut flag and the distractor's pull on the classifier, for one split of a demo cohort.
-
-    In ``--distractor correlated`` cohorts the mark follows the label in the *train* split only
-    (``distractor_correlated``), so a classifier trained there may have learnt it as a shortcut,
-    while the reported splits carry it independently of the label. The flag therefore asks whether
-    the simplified images of this split keep the mark whenever the training split had it correlated.
-    ``distractor_pull_*``: mean P(positive) of studies with the mark minus those without (0: ignored).
-    """
-    correlated_in_training = bool(truth["distractor_correlated"].fillna(0).astype(bool).any())
-    # every study of this split whose mark has a defined retention counts (shortcut_flag drops nan)
-    flag = shortcut_flag(retention, [correlated_in_training] * len(retention), threshold)
-    present = frame["study_id"].map(truth["distractor_present"]).fillna(0).astype(bool).to_numpy()
-    findings: dict[str, Any] = {f"correlated_{k}": v for k, v in flag.items()}
-    findings["correlated_in_training"] = correlated_in_training
-    for column in ("p_orig", "p_simpl"):
-        values = frame[column].to_numpy(dtype=np.float64)
-        pull = values[present].mean() - values[~present].mean() if present.any() and (~present).any() else math.nan
-        findings[f"distractor_pull_{column[2:]}"] = float(pull)
-    return findings
-
-
-def _ground_truth(mask_dir: str | Path | None) -> pd.DataFrame | None:
-    """The demo cohort's ``ground_truth.csv`` next to ``masks/`` (indexed by study), if present."""
-    if mask_dir is None:
-        return None
-    path = Path(mask_dir).parent / "ground_truth.csv"
-    return pd.read_csv(path).set_index("study_id") if path.is_file() else None
 
 
 def audit_command(

@@ -120,7 +120,8 @@ def retrain_on_simplified(
     """
     from pipeline.training.classifier import fit_classifier, predict_proba
 
-    result = fit_classifier(train_simplified, train_labels, val_simplified, val_labels, config)
+    # local: run by rank 0 alone after (possibly distributed) training
+    result = fit_classifier(train_simplified, train_labels, val_simplified, val_labels, config, local=True)
     p_orig = predict_proba(result.model, val_original)
     return {
         "retrain_auroc_simpl": float(result.metrics["val_auroc"]),

@@ -59,6 +59,15 @@ from pipeline.runtime.distributed import all_reduce_mean, init_distributed, shar
 from pipeline.runtime.progress import progress
 from pipeline.runtime.seeding import seed_everything
 from pipeline.runtime.tracking import Tracker, null_tracker
+from pipeline.simplebits.outcomes import (
+    IndependentConfig,
+    OutcomesConfig,
+    independent_classifier,
+    independent_scores,
+    retrain_config,
+    split_outcomes,
+    validation_extras,
+)
 from pipeline.training.classifier import (
     AugmentConfig,
     ModelConfig,
@@ -71,6 +80,7 @@ from pipeline.training.classifier import (
     to_unit_range,
     weight_decay_groups,
 )
+from pipeline.training.clipping import PercentileClip
 
 log = logging.getLogger(__name__)
 
@@ -81,9 +91,12 @@ class SimplifierConfig(StrictModel):
     base_channels: int = 16
     levels: int = 4
     max_channels: int = 128
-    mode: str = "logit"
+    # scale_space: per-pixel weights over Gaussian blurs of the logit image plus a residual; logit: the
+    # paper's residual alone; additive: in intensity space (models/simplifier.py)
+    mode: Literal["scale_space", "logit", "additive"] = "scale_space"
     eps: float = 0.05
     init: Literal["zero_head", "zero_alpha"] = "zero_head"  # both start as the identity (models/simplifier.py)
+    scales: list[float] = [1.0, 2.0, 4.0, 8.0]  # scale_space blur sigmas, pixels of a 64 px image
 
 
 class ObjectiveConfig(StrictModel):
@@ -105,8 +118,17 @@ class JointTrainConfig(StrictModel):
     simplifier_lr: float = 3e-3
     simplifier_betas: tuple[float, float] = (0.5, 0.99)
     simplifier_weight_decay: float = 5e-5
+    # clip each optimiser's gradient norm to this percentile of its last 400 norms (authors' HEAD: 80);
+    # null: no clipping
+    clip_percentile: float | None = 80.0
     eval_batch_size: int = 128
     max_minutes: float | None = None  # stop after the epoch that crosses this wall-clock budget
+
+
+class JointOutcomesConfig(OutcomesConfig):
+    # the classifier trained jointly has only seen simplified images, so the fair comparison with the
+    # baselines is retraining a fresh network on each (the paper's protocol): on by default here
+    retrain: bool = True
 
 
 class JointConfig(StrictModel):
@@ -122,6 +144,8 @@ class JointConfig(StrictModel):
     simplify: ObjectiveConfig = ObjectiveConfig()
     train: JointTrainConfig = JointTrainConfig()
     augment: AugmentConfig = AugmentConfig()
+    independent: IndependentConfig = IndependentConfig()
+    evaluate: JointOutcomesConfig = JointOutcomesConfig()
     tracking: TrackingConfig = TrackingConfig()
 
 
@@ -230,11 +254,13 @@ def all_finite(tensors: list[torch.Tensor | None]) -> bool:
 
 
 def apply_gradients(params: list[nn.Parameter], grads: list[torch.Tensor | None],
-                    optimizer: torch.optim.Optimizer) -> bool:
-    """Average over ranks, then step unless any gradient is non-finite; returns whether it stepped."""
+                    optimizer: torch.optim.Optimizer, clip: PercentileClip | None = None) -> bool:
+    """Average over ranks, clip, then step unless any gradient is non-finite; returns whether it stepped."""
     grads = average_gradients(grads)
     if not all_finite(grads):
         return False
+    if clip is not None:
+        grads = clip(grads)
     for param, grad in zip(params, grads):
         param.grad = None if grad is None else grad.detach()
     optimizer.step()
@@ -253,14 +279,20 @@ def joint_step(
     objective: ObjectiveConfig,
     lam: float,
     seed: int,
+    clips: dict[str, PercentileClip] | None = None,
 ) -> dict[str, float]:
-    """One simplifier step on ``L_S``, then one classifier step on the simplified batch."""
+    """One simplifier step on ``L_S``, then one classifier step on the simplified batch.
+
+    ``clips``: optional ``{"simplifier", "classifier"}`` percentile clippers (train.clip_percentile).
+    """
+    clips = clips or {}
     device = x.device
     losses = simplifier_losses(simplifier, classifier, classifier_optimizer, prior, x, y, objective, lam, seed)
     simplifier_params = list(simplifier.parameters())
     grads = torch.autograd.grad(losses["total"], simplifier_params, allow_unused=True)
     # always through apply_gradients: its all-reduce must run on every rank, finite or not
-    skipped = 0.0 if apply_gradients(simplifier_params, list(grads), simplifier_optimizer) else 1.0
+    skipped = 0.0 if apply_gradients(simplifier_params, list(grads), simplifier_optimizer,
+                                     clips.get("simplifier")) else 1.0
 
     with torch.no_grad():
         x_simple = simplifier(x)
@@ -270,7 +302,8 @@ def joint_step(
             loss = 0.5 * (loss + F.cross_entropy(classifier(x).float(), y))
     classifier_params = [p for p in classifier.parameters() if p.requires_grad]
     classifier_grads = torch.autograd.grad(loss, classifier_params, allow_unused=True)
-    skipped += 0.0 if apply_gradients(classifier_params, list(classifier_grads), classifier_optimizer) else 1.0
+    skipped += 0.0 if apply_gradients(classifier_params, list(classifier_grads), classifier_optimizer,
+                                      clips.get("classifier")) else 1.0
     return {"ce_simpl": float(losses["before"].detach()), "ce_orig": float(losses["orig"].detach()),
             "bpd_loss": float(losses["bpd"].detach()), "gate": float(losses["gate"].detach()), "skipped": skipped}
 
@@ -375,11 +408,15 @@ def train_joint(
                                              lr=train_cfg.classifier_lr, betas=train_cfg.classifier_betas)
     models = {"simplifier": simplifier, "classifier": classifier}
     optimizers = {"simplifier": simplifier_optimizer, "classifier": classifier_optimizer}
+    clips = ({name: PercentileClip(train_cfg.clip_percentile) for name in models}
+             if train_cfg.clip_percentile is not None else {})
 
     start_epoch, history = 0, []
     if checkpoint_path is not None and Path(checkpoint_path).is_file():
         state = load_checkpoint(checkpoint_path, models=models, optimizers=optimizers, map_location=device)
         start_epoch, history = state["step"], list(state["extra"]["history"])
+        for name, clip in clips.items():
+            clip.load_state_dict(state["extra"]["clips"][name])
         log.info("resumed joint training from %s at epoch %d", checkpoint_path, start_epoch)
 
     train_images = cohort_train.images
@@ -405,7 +442,7 @@ def train_joint(
                 x = random_affine(x, config.augment, generator)
             seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
             stats = joint_step(simplifier, classifier, simplifier_optimizer, classifier_optimizer, prior, x,
-                               train_labels[index].to(device), config.simplify, lam, seed)
+                               train_labels[index].to(device), config.simplify, lam, seed, clips)
             for key, value in stats.items():
                 sums[key] += value
 
@@ -423,7 +460,8 @@ def train_joint(
                  metrics["val_bpd_simpl"])
         if checkpoint_path is not None and rank == 0:
             save_checkpoint(checkpoint_path, models=models, optimizers=optimizers, step=epoch + 1,
-                            extra={"history": history})
+                            extra={"history": history,
+                                   "clips": {name: clip.state_dict() for name, clip in clips.items()}})
         if out_of_time(started, train_cfg.max_minutes):
             log.info("time budget of %.1f min reached after epoch %d", train_cfg.max_minutes, epoch + 1)
             break
@@ -438,28 +476,52 @@ def train_joint(
 
 
 def save_joint_outputs(result: JointResult, cohorts: dict[str, Cohort], prior: nn.Module, out_dir: str | Path,
-                       config: JointConfig) -> dict[str, Any]:
+                       config: JointConfig, mask_dir: str | Path | None = None,
+                       independent: nn.Module | None = None) -> dict[str, Any]:
     """Weights, ``predictions.csv``, ``simplified/<study_id>.npy`` (uint8 HxW) and ``metrics.json``.
 
-    ``cohorts`` maps split name -> cohort for the splits to report (usually val and test).
+    ``cohorts``: ``train`` (for retraining) plus the splits to report (usually val and test). The
+    validation split also gets ``baselines.csv`` (matched bpd) and, with ``mask_dir`` (the demo cohort's
+    ``masks/``), distractor and sign retention (pipeline/simplebits/outcomes.py); ``independent`` (the
+    check classifier, trained on originals) scores originals vs simplified images.
     """
     out_dir = Path(out_dir)
     task, lam = config.task, _single_lambda(config)
     device = pick_device(config.device)
     batch_size = config.train.eval_batch_size
-    frames, summary = [], {"task": task, "lam": lam}
+    ev = config.evaluate
+    frames, summary = [], {"task": task, "lam": lam, "setting": "joint"}
     for split, cohort in cohorts.items():
-        if len(cohort) == 0:
+        if split == "train" or len(cohort) == 0:
             continue
         labels = cohort.labels(task)
         metrics, arrays = evaluate_joint(result.simplifier, result.classifier, prior, cohort.images, labels,
                                          device, batch_size)
-        summary.update({f"{split}_{k}": v for k, v in metrics.items()})
-        frames.append(pd.DataFrame({
+        frame = pd.DataFrame({
             "study_id": cohort.study_ids, "split": split, "label": labels.numpy(),
             "p_orig": arrays["p_orig"].numpy(), "p_simpl": arrays["p_simpl"].numpy(),
             "bpd_orig": arrays["bpd_orig"].numpy(), "bpd_simpl": arrays["bpd_simpl"].numpy(),
-        }))
+        })
+        found, frame = split_outcomes(cohort, frame, arrays["simplified"], prior, mask_dir, ev.shortcut_threshold,
+                                      batch_size)
+        metrics.update(found)
+        if independent is not None:
+            metrics.update(independent_scores(independent, cohort.images, arrays["simplified"], labels, device,
+                                              batch_size))
+        if split == "val" and "train" in cohorts:
+            extras, table = validation_extras(
+                "simplebits-joint", cohorts["train"], cohort, task,
+                lambda: simplify_images(result.simplifier, cohorts["train"].images, device, batch_size),
+                arrays["simplified"], prior,
+                lambda images: predict_proba(result.classifier, images, device, batch_size), ev,
+                retrain_config(task, config.seed, config.device, ev, config.augment),
+                independent=None if independent is None
+                else lambda images: predict_proba(independent, images, device, batch_size))
+            metrics.update(extras)
+            if len(table):
+                atomic_write_text(out_dir / "baselines.csv", table.to_csv(index=False))
+        summary.update({f"{split}_{k}": v for k, v in metrics.items()})
+        frames.append(frame)
         for study_id, image in zip(cohort.study_ids, arrays["simplified"][:, 0].numpy()):
             atomic_write_bytes(out_dir / "simplified" / f"{study_id}.npy", _npy_bytes(image))
     size = list(next(iter(cohorts.values())).images.shape[-2:])
@@ -468,7 +530,8 @@ def save_joint_outputs(result: JointResult, cohorts: dict[str, Cohort], prior: n
                     config.classifier.kwargs, task=task, input_size=size, trained_on="simplified", lam=lam)
     predictions = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
     atomic_write_text(out_dir / "predictions.csv", predictions.to_csv(index=False))
-    atomic_write_text(out_dir / "metrics.json", json.dumps({**summary, "history": result.history}, indent=2))
+    atomic_write_text(out_dir / "metrics.json",
+                      json.dumps({**summary, "history": result.history}, indent=2, default=float))
     return summary
 
 
@@ -483,7 +546,7 @@ def lambda_folder_name(lam: float) -> str:
 
 
 def run_joint(ingest_dir: str | Path, out_dir: str | Path, config: JointConfig, force: bool = False,
-              tracker: Tracker | None = None) -> list[dict[str, Any]]:
+              tracker: Tracker | None = None, mask_dir: str | Path | None = None) -> list[dict[str, Any]]:
     """``simplebits simplify train``: one run, or a sweep (one ``lam-<value>/`` sub-folder per lambda).
 
     Finished runs (``metrics.json`` present) are skipped unless ``force``; interrupted ones resume.
@@ -498,6 +561,11 @@ def run_joint(ingest_dir: str | Path, out_dir: str | Path, config: JointConfig, 
     prior = load_prior(config.prior, device=context.device)
     tracker = tracker or Tracker.from_config(out_dir, config.tracking, enabled=context.is_main)
     summaries = []
+    # one check classifier for every lambda of a sweep: it never sees simplified images
+    independent = None
+    if context.is_main:
+        independent = independent_classifier(cohorts["train"], cohorts["val"], task, config.independent,
+                                             config.augment, context.device)
     for lam in lams:
         run_config = config.model_copy(update={"simplify": config.simplify.model_copy(update={"lam": float(lam)})})
         run_dir = out_dir / lambda_folder_name(lam) if is_sweep else out_dir
@@ -514,8 +582,7 @@ def run_joint(ingest_dir: str | Path, out_dir: str | Path, config: JointConfig, 
             result = train_joint(cohorts["train"], cohorts["val"], prior, run_config, tracker,
                                  checkpoint_path=run_dir / CHECKPOINT_NAME)
             if context.is_main:
-                summary = save_joint_outputs(result, {"val": cohorts["val"], "test": cohorts["test"]}, prior,
-                                             run_dir, run_config)
+                summary = save_joint_outputs(result, cohorts, prior, run_dir, run_config, mask_dir, independent)
                 tracker.log_metrics({f"final_{k}": v for k, v in summary.items()
                                      if isinstance(v, float) and math.isfinite(v)})
                 for name in ("simplifier.safetensors", "simplifier.json", "classifier.safetensors",

@@ -182,17 +182,20 @@ def fit_classifier(
     config: ClassifyConfig,
     tracker: Tracker | None = None,
     checkpoint_path: str | Path | None = None,
+    local: bool = False,
 ) -> FitResult:
     """Train ``config.model`` on images ``(N,1,H,W)`` (uint8 or float in [0,1]) and integer labels.
 
     Keeps the epoch with the best validation AUROC. With ``checkpoint_path``, a checkpoint is written
     after every epoch and an existing one is resumed (model, optimizer, epoch, RNG, best model).
     Under torchrun the caller must have initialised the process group; only rank 0 writes.
+    ``local``: train in this process alone even under torchrun (evaluations that only rank 0 runs).
     """
     tracker = tracker or null_tracker()
     device = pick_device(config.device)
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    world = dist.get_world_size() if dist.is_initialized() else 1
+    distributed = dist.is_initialized() and not local
+    rank = dist.get_rank() if distributed else 0
+    world = dist.get_world_size() if distributed else 1
     seed_everything(config.seed)
 
     model = create_classifier(config.model.name, **config.model.kwargs).to(device)
@@ -232,8 +235,13 @@ def fit_classifier(
             loss.backward()
             optimizer.step()
             loss_sum += loss.detach()
-        probabilities = distributed_predict_proba(model, val_images, device, config.train.eval_batch_size)
-        metrics = {"train_ce": float(all_reduce_mean(loss_sum / max(1, len(loader)))),
+        if distributed:
+            probabilities = distributed_predict_proba(model, val_images, device, config.train.eval_batch_size)
+            train_ce = all_reduce_mean(loss_sum / max(1, len(loader)))
+        else:
+            probabilities = predict_proba(model, val_images, device, config.train.eval_batch_size)
+            train_ce = loss_sum / max(1, len(loader))
+        metrics = {"train_ce": float(train_ce),
                    **binary_metrics(val_labels, probabilities, prefix="val_")}
         metrics.pop("val_n")
         history.append({"epoch": epoch + 1, **metrics})

@@ -1,7 +1,14 @@
 import pytest
 import torch
 
-from pipeline.models.simplifier import Simplifier, UNet, load_simplifier, save_simplifier, soft_clamp
+from pipeline.models.simplifier import (
+    Simplifier,
+    UNet,
+    gaussian_blur_2d,
+    load_simplifier,
+    save_simplifier,
+    soft_clamp,
+)
 
 
 def grid_images(n: int, size: int, seed: int = 0) -> torch.Tensor:
@@ -12,7 +19,7 @@ def grid_images(n: int, size: int, seed: int = 0) -> torch.Tensor:
     return x
 
 
-@pytest.mark.parametrize("mode", ["logit", "additive"])
+@pytest.mark.parametrize("mode", ["scale_space", "logit", "additive"])
 @pytest.mark.parametrize("size", [32, 64])
 def test_identity_on_the_8bit_grid_at_init(mode, size):
     simplifier = Simplifier(base_channels=8, levels=3, mode=mode)
@@ -70,7 +77,7 @@ def marker_after_flattening(steps: int, mode: str = "logit", eps: float = 0.05, 
         return float(simplifier(x)[:, :, 8:16, 8:16].mean())
 
 
-@pytest.mark.parametrize("mode", ["logit", "additive"])
+@pytest.mark.parametrize("mode", ["scale_space", "logit", "additive"])
 def test_a_saturated_marker_can_be_removed(mode):
     assert marker_after_flattening(100, mode) < 0.4 + 0.1
 
@@ -83,6 +90,26 @@ def test_paper_clamp_leaves_the_marker_where_large_eps_removes_it():
 
 def test_default_init_removes_a_saturated_marker():
     assert marker_after_flattening(40, init="zero_head") < 0.7
+
+
+def test_scale_space_weight_one_replaces_the_image_by_its_blur():
+    """w_k = 1 everywhere (and u = 0) must give exactly the Gaussian blur of the logit image at scale k."""
+    simplifier = Simplifier(base_channels=8, levels=3, mode="scale_space", scales=(1.0, 4.0))
+    with torch.no_grad():
+        simplifier.unet.head.bias.copy_(torch.tensor([0.0, 0.0, 1.0]))  # channels: u, w_1, w_4
+    x = grid_images(2, 32)
+    z = torch.logit(0.05 + 0.9 * x)
+    expected = (torch.sigmoid(gaussian_blur_2d(z, 4.0 * 32 / 64)) - 0.05) / 0.9
+    assert torch.allclose(simplifier(x), torch.round(expected.clamp(0, 1) * 255) / 255, atol=1.5 / 255)
+
+
+def test_gaussian_blur_keeps_flat_images_and_the_mean():
+    flat = torch.full((1, 1, 16, 16), 0.3)
+    assert torch.allclose(gaussian_blur_2d(flat, 2.0), flat)
+    x = grid_images(1, 32)
+    blurred = gaussian_blur_2d(x, 1.5)
+    assert blurred.std() < x.std()
+    assert torch.allclose(blurred.mean(), x.mean(), atol=0.02)
 
 
 def test_unet_rejects_sizes_it_cannot_halve():

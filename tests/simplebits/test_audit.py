@@ -324,8 +324,10 @@ def test_audit_command_writes_outputs_and_skips_when_done(cohorts, frozen, prior
         metrics["val_mean_sign_retention"]
     )
     baselines = pd.read_csv(out / "baselines.csv")
-    assert list(baselines["method"]) == ["blur", "jpeg", "downsample"]
-    assert {"auroc", "mean_bpd", "strength", "retrain_auroc_simpl"} <= set(baselines.columns)
+    assert list(baselines["method"]) == ["simplebits-audit", "blur", "jpeg", "downsample"]
+    assert {"auroc", "mean_bpd", "strength", "retrain_auroc_simpl", "independent_auroc"} <= set(baselines.columns)
+    assert baselines["auroc"][0] == pytest.approx(metrics["val_auroc_simpl"])
+    assert baselines["mean_bpd"][0] == pytest.approx(metrics["val_bpd_simpl"])
     simplifier = load_simplifier(out / "simplifier.safetensors")
     with torch.no_grad():
         simplified = torch.round(simplifier(parts["test"].float()[:1]) * 255).to(torch.uint8)[0, 0].numpy()

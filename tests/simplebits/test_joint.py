@@ -39,6 +39,8 @@ def tiny_config(lam: float, epochs: int = 12, **train) -> JointConfig:
         "simplify": {"lam": lam},
         "augment": {"enabled": False},
         "train": {"epochs": epochs, "batch_size": 32, "simplifier_lr": 3e-3, "classifier_lr": 1e-3, **train},
+        "independent": {"seed": 3, "model": {"name": "nf_cnn", "kwargs": {"widths": [8, 16]}}, "train": {"epochs": 1}},
+        "evaluate": {"retrain_train": {"epochs": 1}},
         "tracking": {"enabled": False},
     })
 
@@ -204,6 +206,14 @@ def test_run_joint_sweep_writes_outputs_and_skips_finished_runs(prior, tmp_path,
     assert image.dtype.name == "uint8" and image.shape == (SIZE, SIZE)
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["lam"] == 1.0 and "val_auroc_simpl" in metrics and "test_bpd_simpl" in metrics
+    # the same yardsticks as the audit: attainable saving, independent check, retraining, baselines
+    for key in ("val_fraction_of_attainable_saving", "val_independent_auroc_simpl", "test_independent_auroc_orig",
+                "val_retrain_auroc_simpl", "val_retrain_auroc_orig"):
+        assert 0.0 <= metrics[key] <= 1.0 or key.endswith("saving"), key
+    baselines = pd.read_csv(run_dir / "baselines.csv")
+    assert list(baselines["method"]) == ["simplebits-joint", "blur", "jpeg", "downsample"]
+    assert {"retrain_auroc_simpl", "independent_auroc", "mean_bpd"} <= set(baselines.columns)
+    assert baselines["retrain_auroc_simpl"][0] == pytest.approx(metrics["val_retrain_auroc_simpl"])
     assert (run_dir / "config.resolved.yaml").is_file()
 
     simplifier = load_simplifier(run_dir / "simplifier.safetensors")
