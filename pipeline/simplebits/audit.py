@@ -708,8 +708,10 @@ def audit_command(
             tracker.log_metrics(
                 {f"final_{k}": v for k, v in summary.items() if isinstance(v, float) and math.isfinite(v)}
             )
-            for name in ("simplifier.safetensors", "simplifier.json", "metrics.json", "predictions.csv"):
-                tracker.log_artifact(out_dir / name)
+            for name in ("simplifier.safetensors", "simplifier.json", "metrics.json", "predictions.csv",
+                         "baselines.csv"):
+                if (out_dir / name).is_file():
+                    tracker.log_artifact(out_dir / name)
     return summary
 
 
