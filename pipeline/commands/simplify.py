@@ -123,7 +123,7 @@ def register_condense(actions: argparse._SubParsersAction) -> None:
     parser = actions.add_parser(
         "condense",
         help="setting (b): dataset condensation by gradient matching plus bpd",
-        description="Setting (b). --set condense.lam=[0,100] runs a sweep with one lam-<value>/ folder each.",
+        description="Setting (b). --set condense.lam=[0,10000] runs a sweep with one lam-<value>/ folder each.",
     )
     parser.add_argument("--ingest", required=True, help="ingest folder (from simplebits ingest)")
     parser.add_argument("--task", choices=TASK_CHOICES, help="label to condense (default: config task)")

@@ -138,7 +138,7 @@ def baselines_at_matched_bpd(
     target_bpd: float,
     predict: Callable[[torch.Tensor], torch.Tensor],
     kinds: Sequence[str] = ("blur", "jpeg", "downsample"),
-    retrain: Callable[[str, float], dict[str, float]] | None = None,
+    extra_columns: Callable[[str, float], dict[str, float]] | None = None,
     tol: float = 0.02,
 ) -> pd.DataFrame:
     """One row per baseline: strength found by bisection to ``target_bpd``, achieved bpd, AUROC.
@@ -147,8 +147,8 @@ def baselines_at_matched_bpd(
     JPEG qualities and image sizes, or a target outside its range); compare such rows with care.
 
     ``predict(images) -> P(positive)`` scores the degraded images with the classifier under audit;
-    ``retrain(kind, strength)`` optionally adds retrain-on-degraded numbers (same protocol as
-    :func:`retrain_on_simplified`).
+    ``extra_columns(kind, strength)`` optionally adds more scores of the degraded images (other
+    classifiers, retrain-on-degraded with the protocol of :func:`retrain_on_simplified`).
     """
     from pipeline.simplebits.baselines import match_bpd
 
@@ -165,8 +165,8 @@ def baselines_at_matched_bpd(
             "auroc": auroc(labels, p),
             "accuracy": accuracy(labels, p),
         }
-        if retrain is not None:
-            row.update(retrain(kind, strength))
+        if extra_columns is not None:
+            row.update(extra_columns(kind, strength))
         rows.append(row)
     return pd.DataFrame(rows)
 

@@ -238,23 +238,26 @@ def validation_extras(
             retrain_on_simplified(simplified_train(), train_labels, simplified_val, cohort_val.images, labels, retrain)
         )
 
-    def degraded_scores(images: torch.Tensor) -> dict[str, float]:
+    def independent_columns(images: torch.Tensor) -> dict[str, float]:
         out = {}
         if independent is not None:
             p = independent(images)
             out.update({"independent_auroc": auroc(labels, p), "independent_accuracy": accuracy(labels, p)})
         return out
 
-    def retrain_baseline(kind: str, strength: float) -> dict[str, float]:
-        degraded = retrain_on_simplified(
-            apply_baseline(cohort_train.images, kind, strength),
-            train_labels,
-            apply_baseline(cohort_val.images, kind, strength),
-            cohort_val.images,
-            labels,
-            retrain,
-        )
-        return degraded | degraded_scores(apply_baseline(cohort_val.images, kind, strength))
+    def baseline_columns(kind: str, strength: float) -> dict[str, float]:
+        degraded_val = apply_baseline(cohort_val.images, kind, strength)
+        out = independent_columns(degraded_val)
+        if outcomes.retrain:
+            out |= retrain_on_simplified(
+                apply_baseline(cohort_train.images, kind, strength),
+                train_labels,
+                degraded_val,
+                cohort_val.images,
+                labels,
+                retrain,
+            )
+        return out
 
     if not outcomes.baselines:
         return metrics, pd.DataFrame()
@@ -268,7 +271,7 @@ def validation_extras(
             "auroc": auroc(labels, p_simpl),
             "accuracy": accuracy(labels, p_simpl),
             **{k: v for k, v in metrics.items() if k.startswith("retrain_")},
-            **degraded_scores(simplified_val),
+            **independent_columns(simplified_val),
         }
     )
     table = baselines_at_matched_bpd(
@@ -278,8 +281,6 @@ def validation_extras(
         target_bpd,
         predict,
         kinds=outcomes.baselines,
-        retrain=retrain_baseline
-        if outcomes.retrain
-        else (lambda kind, strength: degraded_scores(apply_baseline(cohort_val.images, kind, strength))),
+        extra_columns=baseline_columns,
     )
     return metrics, pd.concat([pd.DataFrame([row]), table], ignore_index=True)

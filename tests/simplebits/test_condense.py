@@ -1,5 +1,6 @@
 """Dataset condensation (setting b): gradient matching plus bpd, on a synthetic task with a tiny prior."""
 
+import itertools
 import json
 
 import numpy as np
@@ -13,11 +14,14 @@ from pipeline.models.bpd import bits_per_dim
 from pipeline.prior import save_prior
 from pipeline.simplebits.condense import (
     CondenseConfig,
+    CondenseLoopConfig,
     ConvNet,
     condense,
     condense_command,
+    downsample_cohort,
     evaluate_condensed,
     gradient_distance,
+    image_lr,
     loss_weights,
 )
 
@@ -88,6 +92,25 @@ def test_loss_weights_follow_the_paper():
     assert loss_weights(0.0, 2) == (20.0, 0.0)
     match, bpd = loss_weights(100.0, 2)
     assert match == pytest.approx(20 / 101) and bpd == pytest.approx(200 / 101)
+
+
+def test_image_lr_decays_from_lr_images_towards_zero():
+    cosine = CondenseLoopConfig(iterations=10, lr_images=0.1)
+    rates = [image_lr(cosine, i) for i in range(10)]
+    assert rates[0] == pytest.approx(0.1) and rates[5] == pytest.approx(0.05)
+    assert all(a > b for a, b in itertools.pairwise(rates)) and 0 < rates[-1] < 0.01
+    constant = CondenseLoopConfig(iterations=10, lr_images=0.1, lr_schedule="constant")
+    assert {image_lr(constant, i) for i in range(10)} == {0.1}
+
+
+def test_downsample_cohort_area_averages_on_the_8bit_grid(cohorts):
+    train, _ = cohorts
+    small = downsample_cohort(train, SIZE // 2)
+    assert small.images.dtype == torch.uint8 and small.images.shape == (len(train), 1, SIZE // 2, SIZE // 2)
+    block = train.images[0, 0, :2, :2].float().mean()
+    assert abs(int(small.images[0, 0, 0, 0]) - float(block)) <= 0.5
+    assert small.study_ids == train.study_ids
+    assert downsample_cohort(train, SIZE) is train and downsample_cohort(train, None) is train
 
 
 def test_convnet_uses_per_example_normalisation():

@@ -187,7 +187,7 @@ def test_baselines_table_at_matched_bpd(prior):
         target,
         predict,
         kinds=("blur", "downsample"),
-        retrain=lambda kind, strength: {"retrain_auroc_simpl": 0.5},
+        extra_columns=lambda kind, strength: {"retrain_auroc_simpl": 0.5},
     )
     assert list(table["method"]) == ["blur", "downsample"]
     assert (table["mean_bpd"] < original).all() and (table["strength"] > 0).all()
