@@ -622,7 +622,7 @@ def save_audit_outputs(
             }
         )
         found, frame = split_outcomes(
-            cohort, frame, arrays["simplified"], prior, mask_dir, ev.shortcut_threshold, batch_size
+            cohort, frame, arrays["simplified"], prior, mask_dir, ev.shortcut_alpha, batch_size
         )
         metrics.update(found)
         if split == "val" and "train" in cohorts:

@@ -10,7 +10,7 @@ here except in :func:`load_masks`, which reads the demo cohort's ground-truth ma
   simplified and original validation images.
 - :func:`baselines_at_matched_bpd`: blur / JPEG / downsampling at the simplified images' mean bpd.
 - :func:`distractor_retention`, :func:`sign_retention`, :func:`sign_preference`,
-  :func:`mask_retention_table`, :func:`shortcut_flag`: what happens to the ground-truth distractor
+  :func:`mask_retention_table`, :func:`distractor_pull`: what happens to the ground-truth distractor
   and effusion sign.
 """
 
@@ -302,25 +302,39 @@ def mask_retention_table(
     )
 
 
-def shortcut_flag(
-    retention: pd.DataFrame, correlated: pd.Series | Sequence[bool] | None = None, threshold: float = 0.5
-) -> dict[str, Any]:
-    """Flag a kept shortcut: mean distractor retention (on label-correlated studies) above ``threshold``.
+def distractor_pull(
+    p: Sequence[float] | np.ndarray,
+    labels: Sequence[int] | np.ndarray,
+    marked: Sequence[bool] | np.ndarray,
+    permutations: int = 2000,
+    seed: int = 0,
+) -> tuple[float, float]:
+    """How much a burned-in mark moves the classifier, and whether that is more than chance.
 
-    ``correlated`` (aligned with ``retention`` rows) marks studies whose distractor is correlated with
-    the label (``ground_truth.csv: distractor_correlated``); ``None`` uses every study with a distractor.
+    ``pull``: mean P(positive) of studies with the mark minus those without, within each true label,
+    averaged over labels (stratifying removes the label's own, much larger, effect on P). ``p_value``:
+    two-sided, from ``permutations`` shuffles of the marks within each label. On splits where the mark
+    is independent of the label, a significant pull means the classifier responds to the mark itself.
+    Returns ``(nan, nan)`` when no label has studies both with and without the mark.
     """
-    values = retention["distractor_retention"].to_numpy(dtype=np.float64)
-    if correlated is not None:
-        values = values[np.asarray(correlated, dtype=bool)]
-    values = values[np.isfinite(values)]
-    mean = float(values.mean()) if values.size else math.nan
-    return {
-        "distractor_retention": mean,
-        "distractor_studies": int(values.size),
-        "shortcut_threshold": threshold,
-        "shortcut_kept": bool(values.size and mean > threshold),
-    }
+    p, labels, marked = np.asarray(p, dtype=np.float64), np.asarray(labels), np.asarray(marked, dtype=bool)
+    strata = [np.flatnonzero(labels == y) for y in np.unique(labels)]
+    strata = [idx for idx in strata if marked[idx].any() and (~marked[idx]).any()]
+    if not strata:
+        return math.nan, math.nan
+
+    def pull(mask: np.ndarray) -> float:
+        return float(np.mean([p[idx][mask[idx]].mean() - p[idx][~mask[idx]].mean() for idx in strata]))
+
+    observed = pull(marked)
+    rng = np.random.default_rng(seed)
+    shuffled = marked.copy()
+    null = np.empty(permutations)
+    for i in range(permutations):
+        for idx in strata:
+            shuffled[idx] = rng.permutation(marked[idx])
+        null[i] = pull(shuffled)
+    return observed, float((np.sum(np.abs(null) >= abs(observed)) + 1) / (permutations + 1))
 
 
 def retention_summary(retention: pd.DataFrame) -> dict[str, float]:

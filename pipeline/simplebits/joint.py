@@ -506,7 +506,7 @@ def save_joint_outputs(result: JointResult, cohorts: dict[str, Cohort], prior: n
             "p_orig": arrays["p_orig"].numpy(), "p_simpl": arrays["p_simpl"].numpy(),
             "bpd_orig": arrays["bpd_orig"].numpy(), "bpd_simpl": arrays["bpd_simpl"].numpy(),
         })
-        found, frame = split_outcomes(cohort, frame, arrays["simplified"], prior, mask_dir, ev.shortcut_threshold,
+        found, frame = split_outcomes(cohort, frame, arrays["simplified"], prior, mask_dir, ev.shortcut_alpha,
                                       batch_size)
         metrics.update(found)
         if independent is not None:

@@ -17,7 +17,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
 import pandas as pd
 import torch
 from torch import nn
@@ -32,12 +31,12 @@ from pipeline.simplebits.evaluate import (
     bits_summary,
     classification_summary,
     deterministic_bpd,
+    distractor_pull,
     flat_images,
     load_masks,
     mask_retention_table,
     retention_summary,
     retrain_on_simplified,
-    shortcut_flag,
 )
 from pipeline.training.classifier import (
     AugmentConfig,
@@ -75,7 +74,8 @@ class OutcomesConfig(StrictModel):
     # even on originals, which made every retrain row meaningless
     retrain_model: ModelConfig = ModelConfig(name="monai_resnet18", kwargs={"widen_factor": 0.25})
     retrain_train: TrainConfig = TrainConfig(epochs=20)
-    shortcut_threshold: float = 0.5  # flag: mean retention of a label-correlated distractor above this
+    # flag a kept shortcut where the mark still moves the classifier on simplified images at this level
+    shortcut_alpha: float = 0.05
 
 
 # --------------------------------------------------------------------------------------------------
@@ -140,27 +140,28 @@ def ground_truth(mask_dir: str | Path | None) -> pd.DataFrame | None:
     return pd.read_csv(path).set_index("study_id") if path.is_file() else None
 
 
-def distractor_findings(
-    truth: pd.DataFrame, retention: pd.DataFrame, frame: pd.DataFrame, threshold: float
-) -> dict[str, Any]:
-    """Shortcut flag and the distractor's pull on the classifier, for one split of a demo cohort.
+def distractor_findings(truth: pd.DataFrame, frame: pd.DataFrame, alpha: float) -> dict[str, Any]:
+    """Does the burned-in mark still move the classifier, on originals and on simplified images?
 
-    In ``--distractor correlated`` cohorts the mark follows the label in the *train* split only
-    (``distractor_correlated``), so a classifier trained there may have learnt it as a shortcut,
-    while the reported splits carry it independently of the label. The flag therefore asks whether
-    the simplified images of this split keep the mark whenever the training split had it correlated.
-    ``distractor_pull_*``: mean P(positive) of studies with the mark minus those without (0: ignored).
+    ``distractor_pull_*`` / ``distractor_pull_p_*`` (:func:`distractor_pull`, label-stratified with a
+    permutation test). In ``--distractor correlated`` cohorts the mark follows the label in the *train*
+    split only (``correlated_in_training``), so a classifier trained there may have learnt it as a
+    shortcut, while the reported splits carry it independently of the label: a significant pull there
+    is the shortcut itself. ``shortcut_kept``: the simplified images still carry the mark strongly
+    enough that it moves the classifier (``p < alpha``); the mean retention of the mark's contrast is
+    reported beside it (``mean_distractor_retention``).
     """
-    correlated_in_training = bool(truth["distractor_correlated"].fillna(0).astype(bool).any())
-    # every study of this split whose mark has a defined retention counts (shortcut_flag drops nan)
-    flag = shortcut_flag(retention, [correlated_in_training] * len(retention), threshold)
-    present = frame["study_id"].map(truth["distractor_present"]).fillna(0).astype(bool).to_numpy()
-    findings: dict[str, Any] = {f"correlated_{k}": v for k, v in flag.items()}
-    findings["correlated_in_training"] = correlated_in_training
+    labels = frame["label"].to_numpy()
+    marked = frame["study_id"].map(truth["distractor_present"]).fillna(0).astype(bool).to_numpy()
+    findings: dict[str, Any] = {
+        "correlated_in_training": bool(truth["distractor_correlated"].fillna(0).astype(bool).any()),
+        "shortcut_alpha": alpha,
+    }
     for column in ("p_orig", "p_simpl"):
-        values = frame[column].to_numpy(dtype=np.float64)
-        pull = values[present].mean() - values[~present].mean() if present.any() and (~present).any() else math.nan
-        findings[f"distractor_pull_{column[2:]}"] = float(pull)
+        pull, p_value = distractor_pull(frame[column].to_numpy(), labels, marked)
+        findings[f"distractor_pull_{column[2:]}"] = pull
+        findings[f"distractor_pull_p_{column[2:]}"] = p_value
+    findings["shortcut_kept"] = bool(findings["distractor_pull_p_simpl"] < alpha)
     return findings
 
 
@@ -170,12 +171,12 @@ def split_outcomes(
     simplified: torch.Tensor,
     prior: nn.Module,
     mask_dir: str | Path | None = None,
-    shortcut_threshold: float = 0.5,
+    shortcut_alpha: float = 0.05,
     batch_size: int = 128,
 ) -> tuple[dict[str, Any], pd.DataFrame]:
     """Bits (with the flat-grey floor) and, given the demo ``mask_dir``, ground-truth retention.
 
-    ``frame``: the split's per-study table with ``study_id, p_orig, p_simpl, bpd_orig, bpd_simpl``;
+    ``frame``: the split's per-study table with ``study_id, label, p_orig, p_simpl, bpd_orig, bpd_simpl``;
     returned with the per-study retention columns merged in.
     """
     bpd_flat = deterministic_bpd(prior, flat_images(cohort.images), batch_size)
@@ -188,7 +189,7 @@ def split_outcomes(
     frame = frame.merge(retention, on="study_id", how="left")
     truth = ground_truth(mask_dir)
     if truth is not None and len(retention):
-        metrics.update(distractor_findings(truth, retention, frame, shortcut_threshold))
+        metrics.update(distractor_findings(truth, frame, shortcut_alpha))
     return metrics, frame
 
 

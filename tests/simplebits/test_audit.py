@@ -317,9 +317,9 @@ def test_audit_command_writes_outputs_and_skips_when_done(cohorts, frozen, prior
     assert metrics["setting"] == "audit" and "val_fraction_of_attainable_saving" in metrics
     assert "independent_auroc_simpl" in summary and "val_retrain_auroc_orig" in summary
     assert metrics["val_correlated_in_training"] is True
-    assert metrics["val_correlated_distractor_studies"] == 32 and metrics["test_correlated_distractor_studies"] == 16
-    assert "test_correlated_shortcut_kept" in metrics
-    assert all(np.isfinite(metrics[f"val_distractor_pull_{k}"]) for k in ("orig", "simpl"))
+    assert isinstance(metrics["test_shortcut_kept"], bool)
+    for key in ("pull_orig", "pull_simpl", "pull_p_orig", "pull_p_simpl"):
+        assert np.isfinite(metrics[f"val_distractor_{key}"]), key
     assert np.isfinite(metrics["val_mean_distractor_retention"]) and np.isfinite(
         metrics["val_mean_sign_retention"]
     )
