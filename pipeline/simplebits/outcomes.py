@@ -17,6 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import pandas as pd
 import torch
 from torch import nn
@@ -190,6 +191,12 @@ def split_outcomes(
     truth = ground_truth(mask_dir)
     if truth is not None and len(retention):
         metrics.update(distractor_findings(truth, frame, shortcut_alpha))
+        # per kind of mark: small solid markers and thin text tags fare very differently
+        kinds = frame["study_id"].map(truth["distractor_kind"])
+        for kind, values in frame["distractor_retention"].groupby(kinds):
+            values = values[np.isfinite(values)]
+            if len(values):
+                metrics[f"mean_distractor_retention_{kind}"] = float(values.mean())
     return metrics, frame
 
 

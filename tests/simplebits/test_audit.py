@@ -294,6 +294,7 @@ def test_audit_command_writes_outputs_and_skips_when_done(cohorts, frozen, prior
             "study_id": parts["train"].study_ids + reported,
             "distractor_correlated": [1] * len(parts["train"]) + [0] * len(reported),
             "distractor_present": [1] * len(parts["train"]) + [i % 2 for i in range(len(reported))],
+            "distractor_kind": "marker",
         }
     ).to_csv(cohort_dir / "ground_truth.csv", index=False)
     out = tmp_path / "audit-effusion"
@@ -317,6 +318,7 @@ def test_audit_command_writes_outputs_and_skips_when_done(cohorts, frozen, prior
     assert metrics["setting"] == "audit" and "val_fraction_of_attainable_saving" in metrics
     assert "independent_auroc_simpl" in summary and "val_retrain_auroc_orig" in summary
     assert metrics["val_correlated_in_training"] is True
+    assert "val_mean_distractor_retention_marker" in metrics
     assert isinstance(metrics["test_shortcut_kept"], bool)
     for key in ("pull_orig", "pull_simpl", "pull_p_orig", "pull_p_simpl"):
         assert np.isfinite(metrics[f"val_distractor_{key}"]), key
