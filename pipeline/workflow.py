@@ -160,18 +160,20 @@ def _run_stages(config: RunConfig, folder: RunFolder, tracker: Tracker, timings:
             summary[f"classifier_{task}"] = _scalars(
                 train_classifier_run(folder.ingest, folder.classifier(task), task_config))
 
-    for task in dict.fromkeys([*config.tasks, *config.joint_tasks]):
-        with _stage(f"independent-{task}", timings):
-            from pipeline.training.classifier import train_classifier_run
+    spec = config.independent
+    if spec.enabled and spec.path is None:  # else: the user's own check classifier, or none
+        for task in dict.fromkeys([*config.tasks, *config.joint_tasks]):
+            with _stage(f"independent-{task}", timings):
+                from pipeline.training.classifier import train_classifier_run
 
-            spec = config.independent
-            independent_config = config.classify.model_copy(update={
-                "task": task, "seed": spec.seed, "model": spec.model, "train": spec.train,
-                "tracking": config.classify.tracking})
-            summary[f"independent_{task}"] = _scalars(
-                train_classifier_run(folder.ingest, folder.independent(task), independent_config))
+                independent_config = config.classify.model_copy(update={
+                    "task": task, "seed": spec.seed, "model": spec.model, "train": spec.train})
+                summary[f"independent_{task}"] = _scalars(
+                    train_classifier_run(folder.ingest, folder.independent(task), independent_config))
 
     def independent(task: str) -> IndependentConfig:
+        if not spec.enabled or spec.path is not None:
+            return spec
         return IndependentConfig(path=str(folder.independent(task) / "model.safetensors"))
 
     for task in config.joint_tasks:
