@@ -43,7 +43,7 @@ from pipeline.config import RESOLVED_CONFIG_NAME, StrictModel, save_resolved_con
 from pipeline.data.ingest import TASKS, Cohort, load_cohort, task_labels
 from pipeline.data.manifest import SPLITS
 from pipeline.models.bpd import bits_per_dim
-from pipeline.runtime.atomic import atomic_path, atomic_write_bytes, atomic_write_text
+from pipeline.runtime.atomic import atomic_path, atomic_write_npy, atomic_write_text
 from pipeline.runtime.csv_log import AppendOnlyCsv
 from pipeline.runtime.device import autocast
 from pipeline.runtime.distributed import barrier, init_distributed, shard, shutdown_distributed
@@ -242,12 +242,6 @@ def _label_text(value: object) -> str:
     return "" if pd.isna(value) else str(value)
 
 
-def _npy_bytes(image: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    np.save(buffer, np.ascontiguousarray(image), allow_pickle=False)
-    return buffer.getvalue()
-
-
 # --- a cohort -----------------------------------------------------------------------------------
 
 
@@ -293,7 +287,7 @@ def apply_to_cohort(
             for j, i in enumerate(batch):
                 study_id = cohort.study_ids[i]
                 image = result["simplified"][j, 0].numpy()
-                atomic_write_bytes(simplified_path(out_dir, study_id), _npy_bytes(image))
+                atomic_write_npy(simplified_path(out_dir, study_id), image)
                 rows.append([study_id, splits[i], *(_label_text(labels[c][i]) for c in LABEL_COLUMNS),
                              *(repr(float(result[c][j])) for c in VALUE_COLUMNS)])
             writer.write(rows)

@@ -47,6 +47,13 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
+def atomic_write_npy(path: str | Path, array: Any) -> None:
+    """``array`` as a ``.npy`` file (no pickle), written atomically."""
+    import numpy as np
+
+    atomic_save(path, lambda fh: np.save(fh, np.ascontiguousarray(array), allow_pickle=False))
+
+
 def atomic_save(path: str | Path, writer: Callable[[IO[bytes]], Any]) -> None:
     """Call ``writer(fileobj)`` on a temporary file, then move it into place."""
     with atomic_path(path) as tmp, open(tmp, "wb") as fh:

@@ -36,7 +36,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
 import pandas as pd
 import torch
 import torch.distributed as dist
@@ -49,7 +48,7 @@ from pipeline.models.bpd import bits_per_dim, quantize_8bit
 from pipeline.models.classifiers import load_classifier
 from pipeline.models.simplifier import Simplifier, create_simplifier, save_simplifier, soft_clamp
 from pipeline.prior import load_prior
-from pipeline.runtime.atomic import atomic_write_bytes, atomic_write_text
+from pipeline.runtime.atomic import atomic_write_npy, atomic_write_text
 from pipeline.runtime.checkpoint import load_checkpoint, save_checkpoint
 from pipeline.runtime.device import autocast, pick_device
 from pipeline.runtime.distributed import all_reduce_mean, init_distributed, shard
@@ -567,14 +566,6 @@ def simplify_study(
 # Outputs and the command
 
 
-def _npy_bytes(array: np.ndarray) -> bytes:
-    import io
-
-    buffer = io.BytesIO()
-    np.save(buffer, np.ascontiguousarray(array), allow_pickle=False)
-    return buffer.getvalue()
-
-
 def save_audit_outputs(
     result: AuditResult,
     classifiers: Sequence[nn.Module],
@@ -633,6 +624,7 @@ def save_audit_outputs(
                 task,
                 lambda: simplify_images(result.simplifier, cohorts["train"].images, device, batch_size),
                 arrays["simplified"],
+                frame,
                 prior,
                 lambda images: predict_proba(classifiers[0], images, device, batch_size),
                 ev,
@@ -647,7 +639,7 @@ def save_audit_outputs(
         summary.update({f"{split}_{k}": v for k, v in metrics.items()})
         frames.append(frame)
         for study_id, image in zip(cohort.study_ids, arrays["simplified"][:, 0].numpy()):
-            atomic_write_bytes(out_dir / "simplified" / f"{study_id}.npy", _npy_bytes(image))
+            atomic_write_npy(out_dir / "simplified" / f"{study_id}.npy", image)
     size = list(next(iter(cohorts.values())).images.shape[-2:])
     save_simplifier(
         result.simplifier,
@@ -735,9 +727,7 @@ def audit_study_command(
     label = int(cohort.labels(task)[index])
     result = simplify_study(cohort.images[index], classifiers, prior, config, label=label)
     out_dir = Path(out_dir)
-    atomic_write_bytes(
-        out_dir / "simplified" / f"{study_id}.npy", _npy_bytes(result.simplified[0, 0].numpy())
-    )
+    atomic_write_npy(out_dir / "simplified" / f"{study_id}.npy", result.simplified[0, 0].numpy())
     record = {
         "study_id": study_id,
         "task": task,

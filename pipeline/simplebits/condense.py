@@ -22,7 +22,6 @@ full training set for reference, tested on the real validation studies (accuracy
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import math
@@ -42,7 +41,7 @@ from pipeline.data.ingest import Cohort, load_task_splits
 from pipeline.metrics import accuracy, auroc
 from pipeline.models.bpd import bits_per_dim, quantize_8bit
 from pipeline.prior import load_prior
-from pipeline.runtime.atomic import atomic_write_bytes, atomic_write_text
+from pipeline.runtime.atomic import atomic_write_npy, atomic_write_text
 from pipeline.runtime.checkpoint import load_checkpoint, save_checkpoint
 from pipeline.runtime.device import autocast, pick_device
 from pipeline.runtime.progress import progress
@@ -457,12 +456,6 @@ def downsample_cohort(cohort: Cohort, size: int | None) -> Cohort:
     return Cohort(images, cohort.frame, list(cohort.study_ids))
 
 
-def _npy_bytes(array: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    np.save(buffer, np.ascontiguousarray(array), allow_pickle=False)
-    return buffer.getvalue()
-
-
 def condense_command(
     ingest_dir: str | Path, out_dir: str | Path, config: CondenseConfig, force: bool = False
 ) -> list[dict[str, Any]]:
@@ -512,8 +505,8 @@ def condense_command(
             metrics = evaluate_condensed(images, labels, train, val, prior, run_config, full_reference)
             full_reference = {k: v for k, v in metrics.items() if k.startswith("full_")}
             tracker.log_metrics({f"final_{k}": v for k, v in metrics.items() if math.isfinite(v)})
-            atomic_write_bytes(run_dir / "condensed.npy", _npy_bytes(images[:, 0].numpy()))
-            atomic_write_bytes(run_dir / "condensed_labels.npy", _npy_bytes(labels.numpy()))
+            atomic_write_npy(run_dir / "condensed.npy", images[:, 0].numpy())
+            atomic_write_npy(run_dir / "condensed_labels.npy", labels.numpy())
             summary = {"task": task, "lam": float(lam), "ipc": config.condense.ipc, **metrics}
             atomic_write_text(metrics_path, json.dumps({**summary, "history": history}, indent=2))
             for name in ("condensed.npy", "condensed_labels.npy", "metrics.json"):

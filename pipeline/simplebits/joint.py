@@ -27,7 +27,6 @@ step. DistributedDataParallel is not used because its hooks do not see gradients
 from __future__ import annotations
 
 import contextlib
-import io
 import json
 import logging
 import math
@@ -37,7 +36,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
 import pandas as pd
 import torch
 import torch.distributed as dist
@@ -52,13 +50,14 @@ from pipeline.models.bpd import bits_per_dim
 from pipeline.models.classifiers import create_classifier, read_state_dict, save_classifier
 from pipeline.models.simplifier import Simplifier, create_simplifier, save_simplifier
 from pipeline.prior import load_prior
-from pipeline.runtime.atomic import atomic_write_bytes, atomic_write_text
+from pipeline.runtime.atomic import atomic_write_npy, atomic_write_text
 from pipeline.runtime.checkpoint import load_checkpoint, save_checkpoint
 from pipeline.runtime.device import autocast, pick_device
 from pipeline.runtime.distributed import all_reduce_mean, init_distributed, shard
 from pipeline.runtime.progress import progress
 from pipeline.runtime.seeding import seed_everything
 from pipeline.runtime.tracking import Tracker, null_tracker
+from pipeline.simplebits.evaluate import deterministic_bpd
 from pipeline.simplebits.outcomes import (
     IndependentConfig,
     OutcomesConfig,
@@ -330,16 +329,6 @@ def simplify_images(simplifier: nn.Module, images: torch.Tensor, device: torch.d
 
 
 @torch.no_grad()
-def deterministic_bpd(prior: nn.Module, images: torch.Tensor, device: torch.device,
-                      batch_size: int = 128) -> torch.Tensor:
-    """Midpoint-dequantised bpd per image (same image -> same number), uint8 or [0,1] input."""
-    out = []
-    for start in range(0, images.shape[0], batch_size):
-        batch = to_unit_range(images[start:start + batch_size].to(device))
-        out.append(bits_per_dim(prior, batch, dequantize="midpoint").cpu())
-    return torch.cat(out) if out else torch.empty(0)
-
-
 def evaluate_joint(simplifier: nn.Module, classifier: nn.Module, prior: nn.Module, images: torch.Tensor,
                    labels: torch.Tensor, device: torch.device, batch_size: int = 128,
                    bpd_orig: torch.Tensor | None = None) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
@@ -349,8 +338,8 @@ def evaluate_joint(simplifier: nn.Module, classifier: nn.Module, prior: nn.Modul
         "simplified": simplified,
         "p_orig": predict_proba(classifier, images, device, batch_size),
         "p_simpl": predict_proba(classifier, simplified, device, batch_size),
-        "bpd_orig": deterministic_bpd(prior, images, device, batch_size) if bpd_orig is None else bpd_orig,
-        "bpd_simpl": deterministic_bpd(prior, simplified, device, batch_size),
+        "bpd_orig": deterministic_bpd(prior, images, batch_size) if bpd_orig is None else bpd_orig,
+        "bpd_simpl": deterministic_bpd(prior, simplified, batch_size),
     }
     metrics = {
         "auroc_orig": auroc(labels, arrays["p_orig"]), "accuracy_orig": accuracy(labels, arrays["p_orig"]),
@@ -427,7 +416,7 @@ def train_joint(
     train_images = cohort_train.images
     train_labels = cohort_train.labels(task)
     val_labels = cohort_val.labels(task)
-    val_bpd_orig = deterministic_bpd(prior, cohort_val.images, device, train_cfg.eval_batch_size)
+    val_bpd_orig = deterministic_bpd(prior, cohort_val.images, train_cfg.eval_batch_size)
     started = time.monotonic()
     metrics: dict[str, float] = {}
     for epoch in range(start_epoch, train_cfg.epochs):
@@ -517,7 +506,7 @@ def save_joint_outputs(result: JointResult, cohorts: dict[str, Cohort], prior: n
             extras, table = validation_extras(
                 "simplebits-joint", cohorts["train"], cohort, task,
                 lambda: simplify_images(result.simplifier, cohorts["train"].images, device, batch_size),
-                arrays["simplified"], prior,
+                arrays["simplified"], frame, prior,
                 lambda images: predict_proba(result.classifier, images, device, batch_size), ev,
                 retrain_config(task, config.seed, config.device, ev, config.augment),
                 independent=None if independent is None
@@ -528,7 +517,7 @@ def save_joint_outputs(result: JointResult, cohorts: dict[str, Cohort], prior: n
         summary.update({f"{split}_{k}": v for k, v in metrics.items()})
         frames.append(frame)
         for study_id, image in zip(cohort.study_ids, arrays["simplified"][:, 0].numpy()):
-            atomic_write_bytes(out_dir / "simplified" / f"{study_id}.npy", _npy_bytes(image))
+            atomic_write_npy(out_dir / "simplified" / f"{study_id}.npy", image)
     size = list(next(iter(cohorts.values())).images.shape[-2:])
     save_simplifier(result.simplifier, out_dir / "simplifier.safetensors", task=task, lam=lam, input_size=size)
     save_classifier(result.classifier, out_dir / "classifier.safetensors", config.classifier.name,
@@ -538,12 +527,6 @@ def save_joint_outputs(result: JointResult, cohorts: dict[str, Cohort], prior: n
     atomic_write_text(out_dir / "metrics.json",
                       json.dumps({**summary, "history": result.history}, indent=2, default=float))
     return summary
-
-
-def _npy_bytes(array: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    np.save(buffer, np.ascontiguousarray(array), allow_pickle=False)
-    return buffer.getvalue()
 
 
 def lambda_folder_name(lam: float) -> str:

@@ -224,6 +224,7 @@ def validation_extras(
     task: str,
     simplified_train: Callable[[], torch.Tensor],
     simplified_val: torch.Tensor,
+    scored_val: pd.DataFrame,
     prior: nn.Module,
     predict: Predict,
     outcomes: OutcomesConfig,
@@ -235,7 +236,8 @@ def validation_extras(
     ``predict`` scores images with the run's own classifier (audit: the frozen one; joint: the one
     trained on simplified images, which flatters SimpleBits against the baselines, so joint runs
     should be compared on the retrain and independent columns). ``simplified_train`` is called only
-    when retraining. The table's first row is the run itself (``method`` = ``name``), scored alike.
+    when retraining. ``scored_val``: the split's per-study ``p_simpl`` and ``bpd_simpl`` already computed
+    by the caller. The table's first row is the run itself (``method`` = ``name``), scored alike.
     """
     labels = cohort_val.labels(task)
     train_labels = cohort_train.labels(task)
@@ -269,8 +271,8 @@ def validation_extras(
 
     if not outcomes.baselines:
         return metrics, pd.DataFrame()
-    target_bpd = float(deterministic_bpd(prior, simplified_val).mean())
-    p_simpl = predict(simplified_val)
+    target_bpd = float(scored_val["bpd_simpl"].mean())
+    p_simpl = scored_val["p_simpl"].to_numpy()
     row.update(
         {
             "target_bpd": target_bpd,
