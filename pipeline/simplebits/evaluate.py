@@ -194,16 +194,38 @@ def load_masks(mask_dir: str | Path, study_ids: Sequence[str], size: int) -> dic
     return out
 
 
-def local_contrast(image: np.ndarray, mask: np.ndarray, ring_width: int = 2) -> float:
-    """Mean ``|image - background|`` inside ``mask``; background = median of a ring just outside it."""
+def local_background(image: np.ndarray, mask: np.ndarray, guard: int = 1, margin: int = 4) -> np.ndarray | None:
+    """``image`` as it would look without the mark: biharmonic inpainting of ``mask`` from its surroundings.
+
+    An inpainted background follows the anatomy under the mark (a body edge, a rib), where the median
+    of a surrounding ring does not: on rendered pairs with and without a text tag the ring median left
+    the tag-free image 65% of the tag's contrast, the inpainted one 13%. ``mask`` is grown by ``guard``
+    pixels first because a thresholded, resized mask leaves the anti-aliased stroke edges outside it,
+    and those must not count as background. Only a ``margin``-pixel box around the mask is solved.
+    Returns None when the mask leaves no background to inpaint from.
+    """
+    from skimage.restoration import inpaint_biharmonic
+
+    grown = ndimage.binary_dilation(mask, iterations=guard) if guard else mask
+    if grown.all():
+        return None
+    box = ndimage.binary_dilation(grown, iterations=margin)
+    rows, cols = np.flatnonzero(box.any(1)), np.flatnonzero(box.any(0))
+    crop = (slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1))
+    background = np.asarray(image, dtype=np.float64).copy()
+    background[crop] = inpaint_biharmonic(background[crop], grown[crop])
+    return background
+
+
+def local_contrast(image: np.ndarray, mask: np.ndarray, guard: int = 1) -> float:
+    """Mean ``|image - background|`` inside ``mask``, background from :func:`local_background`."""
     mask = np.asarray(mask, dtype=bool)
     if not mask.any():
         return math.nan
-    ring = ndimage.binary_dilation(mask, iterations=ring_width) & ~mask
-    if not ring.any():  # the mask covers the image: no background to compare with
+    background = local_background(image, mask, guard)
+    if background is None:
         return math.nan
-    image = np.asarray(image, dtype=np.float64)
-    return float(np.mean(np.abs(image[mask] - np.median(image[ring]))))
+    return float(np.mean(np.abs(np.asarray(image, dtype=np.float64)[mask] - background[mask])))
 
 
 def _ratio(kept: float, original: float, min_original: float) -> float:
@@ -216,13 +238,11 @@ def distractor_retention(
     original: np.ndarray,
     simplified: np.ndarray,
     mask: np.ndarray,
-    ring_width: int = 2,
+    guard: int = 1,
     min_contrast: float = 1e-3,
 ) -> float:
     """Local contrast of the distractor in the simplified image relative to the original (1 kept, 0 gone)."""
-    return _ratio(
-        local_contrast(simplified, mask, ring_width), local_contrast(original, mask, ring_width), min_contrast
-    )
+    return _ratio(local_contrast(simplified, mask, guard), local_contrast(original, mask, guard), min_contrast)
 
 
 def fluid_contrast(image: np.ndarray, fluid: np.ndarray, lung: np.ndarray) -> float:
@@ -280,7 +300,7 @@ def mask_retention_table(
     originals: torch.Tensor,
     simplified: torch.Tensor,
     masks: dict[str, dict[str, np.ndarray]],
-    ring_width: int = 2,
+    guard: int = 1,
 ) -> pd.DataFrame:
     """``study_id, distractor_retention, sign_retention, sign_preference`` per study with masks (nan: n/a)."""
     orig, simpl = as_float_images(originals)[:, 0].numpy(), as_float_images(simplified)[:, 0].numpy()
@@ -292,7 +312,7 @@ def mask_retention_table(
         rows.append(
             {
                 "study_id": study_id,
-                "distractor_retention": distractor_retention(orig[i], simpl[i], m["distractor"], ring_width),
+                "distractor_retention": distractor_retention(orig[i], simpl[i], m["distractor"], guard),
                 "sign_retention": sign_retention(orig[i], simpl[i], m["fluid"], m["lung"]),
                 "sign_preference": sign_preference(orig[i], simpl[i], m["fluid"], m["lung"]),
             }
