@@ -632,6 +632,7 @@ def save_audit_outputs(
                 independent=None
                 if result.independent is None
                 else lambda images: predict_proba(result.independent, images, device, batch_size),
+                mask_dir=mask_dir,
             )
             metrics.update(extras)
             if len(table):

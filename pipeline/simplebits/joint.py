@@ -510,7 +510,8 @@ def save_joint_outputs(result: JointResult, cohorts: dict[str, Cohort], prior: n
                 lambda images: predict_proba(result.classifier, images, device, batch_size), ev,
                 retrain_config(task, config.seed, config.device, ev, config.augment),
                 independent=None if independent is None
-                else lambda images: predict_proba(independent, images, device, batch_size))
+                else lambda images: predict_proba(independent, images, device, batch_size),
+                mask_dir=mask_dir)
             metrics.update(extras)
             if len(table):
                 atomic_write_text(out_dir / "baselines.csv", table.to_csv(index=False))

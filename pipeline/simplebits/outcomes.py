@@ -186,18 +186,25 @@ def split_outcomes(
         return metrics, frame
     masks = load_masks(mask_dir, cohort.study_ids, int(cohort.images.shape[-1]))
     retention = mask_retention_table(cohort.study_ids, cohort.images, simplified, masks)
-    metrics.update(retention_summary(retention))
-    frame = frame.merge(retention, on="study_id", how="left")
     truth = ground_truth(mask_dir)
+    metrics.update(retention_metrics(retention, truth))
+    frame = frame.merge(retention, on="study_id", how="left")
     if truth is not None and len(retention):
         metrics.update(distractor_findings(truth, frame, shortcut_alpha))
-        # per kind of mark: small solid markers and thin text tags fare very differently
-        kinds = frame["study_id"].map(truth["distractor_kind"])
-        for kind, values in frame["distractor_retention"].groupby(kinds):
+    return metrics, frame
+
+
+def retention_metrics(retention: pd.DataFrame, truth: pd.DataFrame | None) -> dict[str, float]:
+    """:func:`retention_summary`, plus the mean distractor retention per kind of mark given the truth
+    table (small solid markers and thin text tags fare very differently)."""
+    metrics = retention_summary(retention)
+    if truth is not None and len(retention):
+        kinds = retention["study_id"].map(truth["distractor_kind"])
+        for kind, values in retention["distractor_retention"].groupby(kinds):
             values = values[np.isfinite(values)]
             if len(values):
                 metrics[f"mean_distractor_retention_{kind}"] = float(values.mean())
-    return metrics, frame
+    return metrics
 
 
 # --------------------------------------------------------------------------------------------------
@@ -230,6 +237,7 @@ def validation_extras(
     outcomes: OutcomesConfig,
     retrain: ClassifyConfig,
     independent: Predict | None = None,
+    mask_dir: str | Path | None = None,
 ) -> tuple[dict[str, float], pd.DataFrame]:
     """Retrain-on-simplified metrics and the baselines table at the simplified images' mean bpd.
 
@@ -237,9 +245,13 @@ def validation_extras(
     trained on simplified images, which flatters SimpleBits against the baselines, so joint runs
     should be compared on the retrain and independent columns). ``simplified_train`` is called only
     when retraining. ``scored_val``: the split's per-study ``p_simpl`` and ``bpd_simpl`` already computed
-    by the caller. The table's first row is the run itself (``method`` = ``name``), scored alike.
+    by the caller. The table's first row is the run itself (``method`` = ``name``), scored alike; with
+    the demo ``mask_dir`` every row also gets the ground-truth retention means (does blurring to the
+    same bits fade the distractor, or the effusion sign, as much?).
     """
     labels = cohort_val.labels(task)
+    masks = load_masks(mask_dir, cohort_val.study_ids, int(cohort_val.images.shape[-1])) if mask_dir else None
+    truth = ground_truth(mask_dir)
     train_labels = cohort_train.labels(task)
     metrics: dict[str, float] = {}
     row: dict[str, Any] = {"method": name, "strength": math.nan}
@@ -248,16 +260,20 @@ def validation_extras(
             retrain_on_simplified(simplified_train(), train_labels, simplified_val, cohort_val.images, labels, retrain)
         )
 
-    def independent_columns(images: torch.Tensor) -> dict[str, float]:
+    def image_columns(images: torch.Tensor) -> dict[str, float]:
+        """The independent classifier's scores and the ground-truth retention of ``images``."""
         out = {}
         if independent is not None:
             p = independent(images)
             out.update({"independent_auroc": auroc(labels, p), "independent_accuracy": accuracy(labels, p)})
+        if masks is not None:
+            table = mask_retention_table(cohort_val.study_ids, cohort_val.images, images, masks)
+            out.update(retention_metrics(table, truth))
         return out
 
     def baseline_columns(kind: str, strength: float) -> dict[str, float]:
         degraded_val = apply_baseline(cohort_val.images, kind, strength)
-        out = independent_columns(degraded_val)
+        out = image_columns(degraded_val)
         if outcomes.retrain:
             out |= retrain_on_simplified(
                 apply_baseline(cohort_train.images, kind, strength),
@@ -281,7 +297,7 @@ def validation_extras(
             "auroc": auroc(labels, p_simpl),
             "accuracy": accuracy(labels, p_simpl),
             **{k: v for k, v in metrics.items() if k.startswith("retrain_")},
-            **independent_columns(simplified_val),
+            **image_columns(simplified_val),
         }
     )
     table = baselines_at_matched_bpd(

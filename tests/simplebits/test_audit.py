@@ -330,6 +330,10 @@ def test_audit_command_writes_outputs_and_skips_when_done(cohorts, frozen, prior
     assert {"auroc", "mean_bpd", "strength", "retrain_auroc_simpl", "independent_auroc"} <= set(baselines.columns)
     assert baselines["auroc"][0] == pytest.approx(metrics["val_auroc_simpl"])
     assert baselines["mean_bpd"][0] == pytest.approx(metrics["val_bpd_simpl"])
+    # every row carries the ground-truth retention, the SimpleBits row the same as the split's
+    for column in ("mean_distractor_retention", "mean_distractor_retention_marker", "mean_sign_retention"):
+        assert baselines[column].notna().all(), column
+        assert baselines[column][0] == pytest.approx(metrics[f"val_{column}"])
     simplifier = load_simplifier(out / "simplifier.safetensors")
     with torch.no_grad():
         simplified = torch.round(simplifier(parts["test"].float()[:1]) * 255).to(torch.uint8)[0, 0].numpy()
