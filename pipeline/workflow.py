@@ -15,7 +15,7 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -36,6 +36,7 @@ from pipeline.training.classifier import ClassifyConfig
 log = logging.getLogger(__name__)
 
 Task = Literal["effusion", "sex"]
+TaskSection = Literal["classify", "independent", "joint", "audit"]
 
 
 class PriorStageConfig(StrictModel):
@@ -64,8 +65,30 @@ class RunConfig(StrictModel):
     independent: IndependentConfig = IndependentConfig()
     joint: JointConfig = JointConfig()
     audit: AuditConfig = AuditConfig()
+    # per-task deviations from the four sections above, merged in for that task only, e.g.
+    # {sex: {classify: {model: {name: monai_resnet18_gn}}}}; joint training always uses the task's
+    # classify.model, since it starts from that classifier's weights
+    task_overrides: dict[Task, dict[TaskSection, dict[str, Any]]] = {}
     report: ReportStageConfig = ReportStageConfig()
     tracking: TrackingConfig = TrackingConfig()
+
+    def for_task(self, task: str) -> "RunConfig":
+        """This config with ``task_overrides[task]`` merged into its sections (validated again)."""
+        merged = _merge_overrides(self.model_dump(), self.task_overrides.get(task, {}))
+        merged["joint"]["classifier"] = merged["classify"]["model"]
+        return RunConfig.model_validate(merged)
+
+
+def _merge_overrides(base: dict[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
+    """Nested merge, except that a mapping naming a network (a ``name`` key) replaces the old one whole:
+    another network's kwargs would not fit it."""
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, Mapping) and "name" not in value and isinstance(out.get(key), dict):
+            out[key] = _merge_overrides(out[key], value)
+        else:
+            out[key] = value
+    return out
 
 
 class RunFolder:
@@ -156,24 +179,29 @@ def _run_stages(config: RunConfig, folder: RunFolder, tracker: Tracker, timings:
         with _stage(f"classify-{task}", timings):
             from pipeline.training.classifier import train_classifier_run
 
-            task_config = config.classify.model_copy(update={"task": task})
+            task_config = config.for_task(task).classify.model_copy(update={"task": task})
             summary[f"classifier_{task}"] = _scalars(
                 train_classifier_run(folder.ingest, folder.classifier(task), task_config))
 
-    spec = config.independent
-    if spec.enabled and spec.path is None:  # else: the user's own check classifier, or none
-        for task in dict.fromkeys([*config.tasks, *config.joint_tasks]):
+    def trained_here(task: str) -> bool:  # else: the user's own check classifier, or none
+        spec = config.for_task(task).independent
+        return spec.enabled and spec.path is None
+
+    for task in dict.fromkeys([*config.tasks, *config.joint_tasks]):
+        if trained_here(task):
             with _stage(f"independent-{task}", timings):
                 from pipeline.training.classifier import train_classifier_run
 
-                independent_config = config.classify.model_copy(update={
+                task_config = config.for_task(task)
+                spec = task_config.independent
+                independent_config = task_config.classify.model_copy(update={
                     "task": task, "seed": spec.seed, "model": spec.model, "train": spec.train})
                 summary[f"independent_{task}"] = _scalars(
                     train_classifier_run(folder.ingest, folder.independent(task), independent_config))
 
     def independent(task: str) -> IndependentConfig:
-        if not spec.enabled or spec.path is not None:
-            return spec
+        if not trained_here(task):
+            return config.for_task(task).independent
         return IndependentConfig(path=str(folder.independent(task) / "model.safetensors"))
 
     for task in config.joint_tasks:
@@ -183,9 +211,9 @@ def _run_stages(config: RunConfig, folder: RunFolder, tracker: Tracker, timings:
             # Starting from the trained classifier lets the bpd gate open from the first epochs, which
             # is what makes joint training fit the CPU budget (from scratch it barely simplifies).
             init = folder.classifier(task) / "model.safetensors"
-            joint_config = config.joint.model_copy(update={
+            joint_config = config.for_task(task).joint.model_copy(update={
                 "task": task, "prior": prior_path, "independent": independent(task),
-                "classifier_init": str(init) if init.is_file() else config.joint.classifier_init})
+                "classifier_init": str(init) if init.is_file() else None})
             summary[f"joint_{task}"] = [_scalars(s) for s in run_joint(
                 folder.ingest, folder.simplify("joint", task), joint_config, mask_dir=folder.cohort / "masks")]
 
@@ -193,7 +221,7 @@ def _run_stages(config: RunConfig, folder: RunFolder, tracker: Tracker, timings:
         with _stage(f"audit-{task}", timings):
             from pipeline.simplebits.audit import audit_command
 
-            audit_config = config.audit.model_copy(update={
+            audit_config = config.for_task(task).audit.model_copy(update={
                 "task": task, "prior": prior_path, "independent": independent(task),
                 "classifiers": [ClassifierSpec(path=str(folder.classifier(task) / "model.safetensors"))],
             })

@@ -117,3 +117,18 @@ def test_resolved_config_loads_back(tmp_path):
     config = load_config(RunConfig, default_config_path("run"), [f"out={tmp_path}"])
     assert config.cohort.distractor.mode == "independent"
     assert config.prior.settings.init == "shipped"
+
+
+def test_task_overrides_apply_to_their_task_only(tmp_path):
+    config = load_config(RunConfig, default_config_path("run"),
+                         [f"out={tmp_path}", "task_overrides.sex.audit.audit.lam=2.5"])
+    sex, effusion = config.for_task("sex"), config.for_task("effusion")
+    # a new network replaces the old spec whole (the NF-WRN's kwargs would not fit a ResNet) ...
+    assert sex.classify.model.name == "monai_resnet18_gn" and sex.classify.model.kwargs == {}
+    assert sex.independent.model.name == "monai_densenet121"
+    # ... other settings merge, and joint training uses the task's classifier network
+    assert sex.classify.train.lr_schedule == "cosine" and sex.classify.train.epochs == config.classify.train.epochs
+    assert sex.joint.classifier == sex.classify.model
+    assert sex.audit.audit.lam == 2.5 and sex.audit.train == config.audit.train
+    assert effusion.classify == config.classify and effusion.audit == config.audit
+    assert effusion.joint.classifier == config.classify.model

@@ -14,7 +14,9 @@ from pipeline.models.classifiers import (
 
 
 def test_registry_lists_the_builtin_networks():
-    assert {"nf_wrn_16_2", "nf_cnn", "monai_densenet121", "monai_resnet18"} <= set(list_classifiers())
+    assert {"nf_wrn_16_2", "nf_cnn", "monai_densenet121", "monai_resnet18", "monai_resnet18_gn"} <= set(
+        list_classifiers()
+    )
 
 
 def test_unknown_name_lists_the_choices():
@@ -32,6 +34,7 @@ def test_registering_a_name_twice_is_an_error():
     ("nf_wrn_16_2", {"stem_stride": 2, "activation": "shifted_softplus"}, 64),
     ("nf_cnn", {}, 64),
     ("monai_resnet18", {}, 32),
+    ("monai_resnet18_gn", {}, 64),
 ])
 def test_forward_shapes(name, kwargs, size):
     model = create_classifier(name, **kwargs).eval()
@@ -45,8 +48,9 @@ def test_monai_densenet_builds():
     assert model(torch.rand(2, 1, 32, 32)).shape == (2, 2)
 
 
-def test_nf_wrn_has_no_batchnorm_so_examples_are_independent():
-    model = create_classifier("nf_wrn_16_2", dropout=0.0).train()
+@pytest.mark.parametrize("name,kwargs", [("nf_wrn_16_2", {"dropout": 0.0}), ("monai_resnet18_gn", {})])
+def test_batchnorm_free_networks_treat_examples_independently(name, kwargs):
+    model = create_classifier(name, **kwargs).train()
     x = torch.rand(4, 1, 32, 32)
     together = model(x)
     alone = torch.cat([model(x[i:i + 1]) for i in range(4)])

@@ -5,12 +5,15 @@ import pytest
 import torch
 
 import pipeline.data.ingest as ingest_module
+import pipeline.training.classifier as classifier_module
 from pipeline.config import load_config
 from pipeline.data.ingest import Cohort
 from pipeline.models.classifiers import load_classifier
 from pipeline.training.classifier import (
     AugmentConfig,
     ClassifyConfig,
+    TrainConfig,
+    epoch_lr,
     fit_classifier,
     predict_proba,
     random_affine,
@@ -57,12 +60,17 @@ def test_fit_learns_a_simple_task_and_keeps_the_best_epoch():
     assert not result.model.training
 
 
-def test_resume_gives_the_same_model(tmp_path):
+def test_resume_gives_the_same_model(tmp_path, monkeypatch):
     x, y = square_images(96, 2)
     vx, vy = square_images(32, 3)
     straight = fit_classifier(x, y, vx, vy, tiny_config(epochs=3))
     checkpoint = tmp_path / "checkpoint.pt"
-    fit_classifier(x, y, vx, vy, tiny_config(epochs=2), checkpoint_path=checkpoint)
+    # the same 3-epoch run, interrupted after its second epoch (the lr schedule spans the planned epochs)
+    calls = iter(range(100))
+    monkeypatch.setattr(classifier_module, "out_of_time", lambda started, budget: next(calls) == 1)
+    interrupted = fit_classifier(x, y, vx, vy, tiny_config(epochs=3), checkpoint_path=checkpoint)
+    assert len(interrupted.history) == 2
+    monkeypatch.undo()
     resumed = fit_classifier(x, y, vx, vy, tiny_config(epochs=3), checkpoint_path=checkpoint)
     assert [h["epoch"] for h in resumed.history] == [1, 2, 3]
     assert torch.allclose(straight.val_probabilities, resumed.val_probabilities, atol=1e-6)
@@ -76,6 +84,15 @@ def test_augmentation_stays_on_the_grid_and_never_mirrors():
     left, right = out[..., : SIZE // 2].sum(dim=(1, 2, 3)), out[..., SIZE // 2:].sum(dim=(1, 2, 3))
     assert bool((left > 4 * right).all())
     assert not torch.equal(out, x)
+
+
+def test_cosine_lr_decays_from_lr_to_its_floor_over_the_planned_epochs():
+    train = TrainConfig(epochs=5, lr=1e-3, min_lr_fraction=0.1)
+    lrs = [epoch_lr(train, e) for e in range(5)]
+    assert lrs[0] == pytest.approx(1e-3) and lrs[-1] == pytest.approx(1e-4)
+    assert all(a > b for a, b in zip(lrs, lrs[1:]))
+    constant = train.model_copy(update={"lr_schedule": "constant"})
+    assert {epoch_lr(constant, e) for e in range(5)} == {1e-3}
 
 
 def test_no_weight_decay_on_biases():
