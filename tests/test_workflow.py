@@ -132,3 +132,8 @@ def test_task_overrides_apply_to_their_task_only(tmp_path):
     assert sex.audit.audit.lam == 2.5 and sex.audit.train == config.audit.train
     assert effusion.classify == config.classify and effusion.audit == config.audit
     assert effusion.joint.classifier == config.classify.model
+
+
+def test_shipped_task_overrides_are_the_code_defaults(tmp_path):
+    shipped = load_config(RunConfig, default_config_path("run"), [f"out={tmp_path}"])
+    assert shipped.task_overrides == RunConfig().task_overrides

@@ -87,7 +87,7 @@ def test_augmentation_stays_on_the_grid_and_never_mirrors():
 
 
 def test_cosine_lr_decays_from_lr_to_its_floor_over_the_planned_epochs():
-    train = TrainConfig(epochs=5, lr=1e-3, min_lr_fraction=0.1)
+    train = TrainConfig(epochs=5, lr=1e-3, lr_schedule="cosine", min_lr_fraction=0.1)
     lrs = [epoch_lr(train, e) for e in range(5)]
     assert lrs[0] == pytest.approx(1e-3) and lrs[-1] == pytest.approx(1e-4)
     assert all(a > b for a, b in zip(lrs, lrs[1:]))
