@@ -137,3 +137,9 @@ def test_task_overrides_apply_to_their_task_only(tmp_path):
 def test_shipped_task_overrides_are_the_code_defaults(tmp_path):
     shipped = load_config(RunConfig, default_config_path("run"), [f"out={tmp_path}"])
     assert shipped.task_overrides == RunConfig().task_overrides
+    # the standalone config for sex trains the same classifier as the run does
+    from pipeline.training.classifier import ClassifyConfig
+
+    sex = load_config(ClassifyConfig, default_config_path("classify_sex"), [])
+    run_sex = shipped.for_task("sex").classify
+    assert (sex.model, sex.train) == (run_sex.model, run_sex.train.model_copy(update={"max_minutes": None}))

@@ -14,9 +14,14 @@ def pick_device(preference: str = "auto") -> torch.device:
         return torch.device("cpu")
     if preference.startswith("cuda") and not torch.cuda.is_available():
         raise RuntimeError(f"device {preference!r} requested but CUDA is not available")
-    if preference == "auto" or preference == "cuda":
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    return torch.device(preference)
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if preference in ("auto", "cuda") \
+        else torch.device(preference)
+    if device.type == "cuda":
+        # PyTorch runs fp32 convolutions in TF32 by default. The Glow's bpd is kept in fp32 on purpose:
+        # on an H100, TF32 moved per-image bpd by up to 0.6% against the CPU (1.7e-6 with it off).
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
+    return device
 
 
 def autocast(device: torch.device, enabled: bool = True) -> contextlib.AbstractContextManager:
