@@ -221,9 +221,10 @@ def _run_stages(config: RunConfig, folder: RunFolder, tracker: Tracker, timings:
             # Starting from the trained classifier lets the bpd gate open from the first epochs, which
             # is what makes joint training fit the CPU budget (from scratch it barely simplifies).
             init = folder.classifier(task) / "model.safetensors"
-            joint_config = config.for_task(task).joint.model_copy(update={
+            joint = config.for_task(task).joint
+            joint_config = joint.model_copy(update={
                 "task": task, "prior": prior_path, "independent": independent(task),
-                "classifier_init": str(init) if init.is_file() else None})
+                "classifier_init": str(init) if init.is_file() else joint.classifier_init})
             summary[f"joint_{task}"] = [_scalars(s) for s in run_joint(
                 folder.ingest, folder.simplify("joint", task), joint_config, mask_dir=folder.cohort / "masks")]
 
