@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import html
+import json
 import math
 from collections.abc import Mapping
 from datetime import datetime, timezone
@@ -117,6 +118,41 @@ def _gallery(table: pd.DataFrame, studies_href: str, positive_name: str) -> str:
     return toolbar + '<div class="gallery" id="gallery">' + "".join(cards) + "</div>"
 
 
+def _checks_section(metrics: Mapping[str, Any], split: str = "val") -> str | None:
+    """The run's checks against an independent classifier and the demo cohort's ground truth, with the
+    shortcut flag first and in red when the simplified images still carry a mark the classifier uses."""
+    def get(key: str) -> Any:  # the audit reports its independent check once, without a split prefix
+        return metrics.get(f"{split}_{key}", metrics.get(key))
+
+    items = []
+    if get("shortcut_kept") is not None:
+        pull = (f"moves the predicted probability by {_fmt(get('distractor_pull_simpl'))} on simplified "
+                f"images (p = {_fmt(get('distractor_pull_p_simpl'))}; originals "
+                f"{_fmt(get('distractor_pull_orig'))}, p = {_fmt(get('distractor_pull_p_orig'))})")
+        if get("shortcut_kept"):
+            items.append(f'<li><span class="tag bad">shortcut kept</span> A burned-in mark (text tag or '
+                         f"marker) {pull}. The classifier responds to the mark itself, not only to the "
+                         "finding, and the simplified images keep it: look at the marked studies below.</li>")
+        else:
+            items.append(f'<li><span class="tag ok">no shortcut detected</span> Burned-in marks {pull}.</li>')
+    if get("independent_auroc_orig") is not None:
+        items.append("<li>An <b>independent classifier</b> (another architecture, trained on originals only) "
+                     f"scores AUROC {_fmt(get('independent_auroc_orig'))} on originals and "
+                     f"{_fmt(get('independent_auroc_simpl'))} on simplified images.</li>")
+    if get("mean_distractor_retention") is not None:
+        items.append(f"<li>Burned-in marks keep {_fmt(100 * get('mean_distractor_retention'), 0)}% of their "
+                     "contrast in the simplified images (ground-truth masks).</li>")
+    preference = get("mean_sign_preference")
+    if preference is not None and not math.isnan(preference):
+        items.append(f"<li>The projected fluid keeps its contrast {_fmt(preference, 2)}× better than the lung "
+                     "texture around it (above 1: the effusion sign is preferentially kept).</li>")
+    if not items:
+        return None
+    return ('<section><h2>Checks</h2><p class="explain">Validation split. Measured against an independent '
+            "classifier and, on the demo cohort, against ground-truth masks.</p><ul>"
+            + "".join(items) + "</ul></section>")
+
+
 def render_cohort_html(
     table: pd.DataFrame,
     subgroups: pd.DataFrame,
@@ -126,6 +162,7 @@ def render_cohort_html(
     positive_name: str,
     run_dir_hint: str = "RUN_DIR",
     studies_href: str = "../studies",
+    run_metrics: Mapping[str, Any] | None = None,
 ) -> str:
     """The report page as a string. ``plots`` maps ``tradeoff|bpd_hist|subgroups`` to PNG files."""
     overall = cohort.summarise(table).iloc[0]
@@ -150,6 +187,7 @@ def render_cohort_html(
         + f'<div class="card"><div class="k">mean bits saved per image</div>'
           f'<div class="v">{float(table[bits_col].mean()):,.0f}</div>'
           f'<div class="k">{len(table)} studies</div></div></div></section>',
+        *([checks] if (checks := _checks_section(run_metrics or {})) else []),
         "<section><h2>By finding</h2><p class=\"explain\">Per true label: how often the classifier is right, "
         "and how many bits the images cost before and after simplification.</p>"
         + html_table(by_label, {"label": "truth", **{k: v for k, v in perf_cols.items() if "auroc" not in k}})
@@ -208,8 +246,10 @@ def write_cohort_report(
     min_subgroup_size: int = 1,
     run_dir_hint: str = "RUN_DIR",
     studies_href: str = "../studies",
+    run_metrics: Mapping[str, Any] | None = None,
 ) -> Path:
-    """Tables, plots and ``index.html`` into ``out_dir`` (normally ``RUN_DIR/cohort_report``)."""
+    """Tables, plots and ``index.html`` into ``out_dir`` (normally ``RUN_DIR/cohort_report``);
+    ``run_metrics``: the simplification run's ``metrics.json`` (its checks get a section)."""
     out_dir = Path(out_dir)
     cohort.write_study_table(table, out_dir)
     subgroups = cohort.subgroup_performance(table, families, min_subgroup_size)
@@ -219,7 +259,8 @@ def write_cohort_report(
         plots["subgroups"] = cohort.plot_subgroup_auroc(subgroups, out_dir / "plots" / "subgroups.png")
     if sweep is not None and len(sweep):
         plots["tradeoff"] = cohort.plot_tradeoff(sweep, out_dir / "plots" / "tradeoff.png")
-    page = render_cohort_html(table, subgroups, plots, task, setting, positive_name, run_dir_hint, studies_href)
+    page = render_cohort_html(table, subgroups, plots, task, setting, positive_name, run_dir_hint, studies_href,
+                              run_metrics)
     atomic_write_text(out_dir / "index.html", page)
     return out_dir / "index.html"
 
@@ -250,7 +291,9 @@ def write_run_cohort_report(
     dims = load_uint8_image(sim_dir / "simplified" / f"{first}.npy").size
     table = cohort.build_study_table(predictions, read_manifest(run_dir), dims=dims, task=task)
     names = {**DEFAULT_CLASS_NAMES, **(class_names or {})}.get(task, ("negative", "positive"))
+    metrics_path = sim_dir / "metrics.json"
     return write_cohort_report(
         run_dir / REPORT_DIR, table, task, setting, names[1], sweep, families, min_subgroup_size,
         run_dir_hint=str(run_dir),
+        run_metrics=json.loads(metrics_path.read_text()) if metrics_path.is_file() else None,
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 
 import pandas as pd
@@ -40,3 +41,21 @@ def test_report_without_sweep_or_manifest(run_folder):
     # bpd histogram + subgroups by sex (predictions carry sex); age/view/source came from the manifest
     assert page.count('src="data:image/png;base64,') == 2
     assert "sex" in page and "60-79" not in page
+
+
+def test_checks_section_flags_a_kept_shortcut(run_folder):
+    name = SIMPLIFY_NAME
+    metrics_path = run_folder / "simplify" / name / "metrics.json"
+    checks = {"val_shortcut_kept": True, "val_distractor_pull_simpl": 0.115, "val_distractor_pull_p_simpl": 0.003,
+              "val_distractor_pull_orig": 0.143, "val_distractor_pull_p_orig": 0.001,
+              "val_independent_auroc_orig": 0.926, "val_independent_auroc_simpl": 0.877,
+              "val_mean_distractor_retention": 0.27, "val_mean_sign_preference": 1.08}
+    metrics_path.write_text(json.dumps(checks))
+    page = write_run_cohort_report(run_folder, name).read_text()
+    assert "<h2>Checks</h2>" in page and "shortcut kept" in page and "no shortcut detected" not in page
+    assert "0.115" in page and "0.003" in page and "27%" in page and "1.08×" in page and "0.877" in page
+    metrics_path.write_text(json.dumps({**checks, "val_shortcut_kept": False}))
+    page = write_run_cohort_report(run_folder, name).read_text()
+    assert "no shortcut detected" in page and "shortcut kept" not in page
+    metrics_path.write_text(json.dumps({"auroc_simpl": 0.9}))  # a run without checks: no section
+    assert "<h2>Checks</h2>" not in write_run_cohort_report(run_folder, name).read_text()
