@@ -80,6 +80,7 @@ from pipeline.training.classifier import (
     random_affine,
 )
 from pipeline.training.clipping import PercentileClip
+from pipeline.training.schedules import cosine_decay
 
 log = logging.getLogger(__name__)
 
@@ -129,9 +130,7 @@ def scheduled(train: AuditTrainConfig, lam: float, step: int, total_steps: int) 
     The decay lets the simplifier settle where evidence matching and bits balance instead of
     oscillating around that point at the full lr.
     """
-    progress_done = min(1.0, step / max(1, total_steps))
-    cosine = 0.5 * (1.0 + math.cos(math.pi * progress_done))
-    lr = train.lr * (train.min_lr_fraction + (1.0 - train.min_lr_fraction) * cosine)
+    lr = cosine_decay(train.lr, step / max(1, total_steps), train.min_lr_fraction)
     warmup = train.lam_warmup_fraction * total_steps
     return lr, lam * (min(1.0, step / warmup) if warmup > 0 else 1.0)
 

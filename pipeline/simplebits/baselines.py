@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import io
 import logging
-import math
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipeline.models.simplifier import gaussian_blur_2d
 from pipeline.simplebits.evaluate import as_float_images, deterministic_bpd
 
 log = logging.getLogger(__name__)
@@ -31,16 +31,7 @@ def _on_grid(x: torch.Tensor) -> torch.Tensor:
 
 def gaussian_blur(images: torch.Tensor, sigma: float) -> torch.Tensor:
     """Separable Gaussian blur, kernel radius ``ceil(3 sigma)``, reflect padding; ``sigma <= 0``: identity."""
-    x = as_float_images(images)
-    if sigma <= 0:
-        return _on_grid(x)
-    radius = min(int(math.ceil(3.0 * sigma)), min(x.shape[-2:]) - 1)
-    offsets = torch.arange(-radius, radius + 1, dtype=torch.float32)
-    kernel = torch.exp(-0.5 * (offsets / sigma) ** 2)
-    kernel = (kernel / kernel.sum()).to(x.device)
-    x = F.conv2d(F.pad(x, (radius, radius, 0, 0), mode="reflect"), kernel.view(1, 1, 1, -1))
-    x = F.conv2d(F.pad(x, (0, 0, radius, radius), mode="reflect"), kernel.view(1, 1, -1, 1))
-    return _on_grid(x)
+    return _on_grid(gaussian_blur_2d(as_float_images(images), sigma))
 
 
 def jpeg(images: torch.Tensor, quality: int) -> torch.Tensor:

@@ -49,6 +49,7 @@ from pipeline.runtime.seeding import seed_everything
 from pipeline.runtime.tracking import Tracker, null_tracker
 from pipeline.simplebits.evaluate import as_float_images, deterministic_bpd
 from pipeline.training.classifier import TrackingConfig, check_task
+from pipeline.training.schedules import cosine_decay
 
 log = logging.getLogger(__name__)
 
@@ -175,7 +176,7 @@ def image_lr(config: CondenseLoopConfig, iteration: int) -> float:
     """Learning rate of the synthetic images in outer iteration ``iteration`` (0-based)."""
     if config.lr_schedule == "constant":
         return config.lr_images
-    return config.lr_images * 0.5 * (1.0 + math.cos(math.pi * iteration / config.iterations))
+    return cosine_decay(config.lr_images, iteration / config.iterations)
 
 
 def _class_indices(labels: torch.Tensor, num_classes: int) -> list[torch.Tensor]:

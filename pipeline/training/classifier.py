@@ -49,6 +49,7 @@ from pipeline.runtime.distributed import (
 from pipeline.runtime.progress import progress
 from pipeline.runtime.seeding import seed_everything
 from pipeline.runtime.tracking import Tracker, TrackingConfig, null_tracker
+from pipeline.training.schedules import cosine_decay
 
 log = logging.getLogger(__name__)
 
@@ -89,8 +90,7 @@ def epoch_lr(train: TrainConfig, epoch: int) -> float:
     """The learning rate of 0-based ``epoch`` (a pure function of the epoch, so resuming needs no state)."""
     if train.lr_schedule == "constant" or train.epochs <= 1:
         return train.lr
-    cosine = 0.5 * (1.0 + math.cos(math.pi * epoch / (train.epochs - 1)))
-    return train.lr * (train.min_lr_fraction + (1.0 - train.min_lr_fraction) * cosine)
+    return cosine_decay(train.lr, epoch / (train.epochs - 1), train.min_lr_fraction)
 
 
 
