@@ -8,8 +8,9 @@ Two entry points:
   ``metrics.json`` + ``predictions.csv`` in the output folder, per-epoch metrics to MLflow.
 
 Training: AdamW (no weight decay on biases), small random affine augmentation (never a horizontal
-flip: laterality matters on a radiograph), bf16 autocast on CUDA, torchrun DDP with a
-DistributedSampler, checkpoint/resume every epoch, and the model with the best validation AUROC kept.
+flip: laterality matters on a radiograph), bf16 autocast on CUDA, the model with the best validation
+AUROC kept. Sampling, DDP, checkpoint/resume, progress and MLflow belong to the shared
+:class:`~pipeline.training.engine.Engine`; images stream from the cohort store.
 """
 
 from __future__ import annotations
@@ -18,43 +19,35 @@ import copy
 import json
 import logging
 import math
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import pandas as pd
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 from pipeline.config import StrictModel, save_resolved_config
+from pipeline.data.dataset import CohortDataset, Images
 from pipeline.data.ingest import load_task_splits
 from pipeline.metrics import binary_metrics
 from pipeline.models.classifiers import create_classifier, save_classifier
 from pipeline.runtime.atomic import atomic_write_text
-from pipeline.runtime.checkpoint import load_checkpoint, save_checkpoint
 from pipeline.runtime.device import autocast, pick_device
-from pipeline.runtime.distributed import (
-    all_reduce_mean,
-    all_reduce_sum,
-    broadcast_object,
-    init_distributed,
-    shard,
-)
-from pipeline.runtime.progress import progress
+from pipeline.runtime.distributed import init_distributed, world_info
 from pipeline.runtime.seeding import seed_everything
 from pipeline.runtime.tracking import Tracker, TrackingConfig, null_tracker
+from pipeline.training.engine import Engine, StepContext, score_batches
 from pipeline.training.schedules import cosine_decay
 
 log = logging.getLogger(__name__)
 
 TASKS = ("effusion", "sex")
 CHECKPOINT_NAME = "checkpoint.pt"
+RUN_ID_NAME = "mlflow_run.json"  # the stage's MLflow run, resumed (one metric series) after a kill
 
 
 class ModelConfig(StrictModel):
@@ -78,7 +71,11 @@ class TrainConfig(StrictModel):
     weight_decay: float = 1e-5
     betas: tuple[float, float] = (0.9, 0.995)
     eval_batch_size: int = 256
-    max_minutes: float | None = None  # stop after the epoch that crosses this wall-clock budget
+    # opt-in wall-clock cap (stop after the epoch that crosses it; recorded as stopped_epoch): results
+    # then depend on the machine's load, so the default trains the configured epochs
+    max_minutes: float | None = None
+    num_workers: int = 0  # DataLoader processes reading the store
+    checkpoint_every_steps: int | None = None  # also checkpoint mid-epoch (long epochs at cohort scale)
     # cosine: per-epoch decay to min_lr_fraction * lr over the planned epochs. A quarter-width ResNet-18
     # at a constant lr swung by up to 0.25 val AUROC between consecutive late epochs; the NF-WRN needs
     # the constant lr (its loss sits at ln 2 for ~10 epochs first: 0.88 instead of 0.97 on effusion)
@@ -111,6 +108,7 @@ class FitResult:
     metrics: dict[str, float]  # of the kept (best-on-validation) model
     history: list[dict[str, float]] = field(default_factory=list)
     val_probabilities: torch.Tensor | None = None
+    stopped_epoch: int = 0
 
 
 def check_task(task: str) -> str:
@@ -124,33 +122,24 @@ def to_unit_range(images: torch.Tensor) -> torch.Tensor:
     return images.float() / 255 if images.dtype == torch.uint8 else images.float()
 
 
-def epoch_seed(seed: int, epoch: int, rank: int = 0) -> int:
-    """Seed of one epoch's augmentation stream: a resumed run replays exactly what it would have drawn."""
-    return (seed * 1_000_003 + epoch * 1_009 + rank) % 2**63
+def random_affine(x: torch.Tensor, config: AugmentConfig, generator: torch.Generator | None = None,
+                  uniforms: torch.Tensor | None = None) -> torch.Tensor:
+    """Independent small rotation/scale/translation per image, border padding, back on the 8-bit grid.
 
-
-def random_affine(x: torch.Tensor, config: AugmentConfig, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Independent small rotation/scale/translation per image, border padding, back on the 8-bit grid."""
+    ``uniforms``: optional ``(N, 4)`` values in [0, 1) that fix each image's transform (per-sample
+    randomness from the engine, identical under any DDP sharding); else drawn from ``generator``.
+    """
     n = x.shape[0]
-
-    def uniform(limit: float) -> torch.Tensor:
-        return (torch.rand(n, generator=generator) * 2 - 1) * limit
-
-    angle = torch.deg2rad(uniform(config.rotate_deg))
-    scale = 1.0 + uniform(config.scale)
-    shift = torch.stack([uniform(2 * config.translate), uniform(2 * config.translate)], dim=1)  # [-1,1] coords
+    u = uniforms if uniforms is not None else torch.rand(n, 4, generator=generator)
+    span = (u * 2 - 1).float()  # [-1, 1)
+    angle = torch.deg2rad(span[:, 0] * config.rotate_deg)
+    scale = 1.0 + span[:, 1] * config.scale
+    shift = span[:, 2:4] * 2 * config.translate  # [-1,1] grid coordinates
     cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
     theta = torch.stack([torch.stack([cos, -sin, shift[:, 0]], 1), torch.stack([sin, cos, shift[:, 1]], 1)], 1)
     grid = F.affine_grid(theta.to(x.device, x.dtype), list(x.shape), align_corners=False)
     out = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
     return torch.round(out.clamp(0, 1) * 255) / 255
-
-
-def out_of_time(started: float, max_minutes: float | None) -> bool:
-    """Whether the wall-clock budget is spent; rank 0 decides for all, so no rank is left waiting."""
-    if max_minutes is None:
-        return False
-    return bool(broadcast_object((time.monotonic() - started) / 60 > max_minutes))
 
 
 def weight_decay_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -161,37 +150,50 @@ def weight_decay_groups(model: nn.Module, weight_decay: float) -> list[dict[str,
 
 
 @torch.no_grad()
-def predict_proba(model: nn.Module, images: torch.Tensor, device: torch.device | None = None,
-                  batch_size: int = 256) -> torch.Tensor:
-    """P(positive) per image (CPU float tensor); ``images`` float in [0,1] or uint8 ``(N,1,H,W)``."""
+def predict_proba(model: nn.Module, images: Images, device: torch.device | None = None,
+                  batch_size: int = 256, sharded: bool = False) -> torch.Tensor:
+    """P(positive) per image (CPU float tensor), batch by batch; ``images`` uint8 or float in [0,1].
+
+    ``sharded``: under torchrun each rank scores its share and all ranks get the whole result
+    (every rank must call it then).
+    """
     device = device or next(model.parameters()).device
     was_training = model.training
     model.eval()
-    out = []
-    for start in range(0, images.shape[0], batch_size):
-        batch = to_unit_range(images[start:start + batch_size].to(device))
+
+    def score(_: Any, batch: torch.Tensor) -> dict[str, torch.Tensor]:
         with autocast(device):
-            logits = model(batch)
-        out.append(torch.softmax(logits.float(), dim=1)[:, 1].cpu())
+            logits = model(to_unit_range(batch.to(device)))
+        return {"p": torch.softmax(logits.float(), dim=1)[:, 1]}
+
+    out = score_batches(images, score, batch_size, sharded=sharded).get("p", torch.empty(0))
     model.train(was_training)
-    return torch.cat(out) if out else torch.empty(0)
+    return out.float()
 
 
-def distributed_predict_proba(model: nn.Module, images: torch.Tensor, device: torch.device,
-                              batch_size: int) -> torch.Tensor:
-    """:func:`predict_proba` with the images split over DDP ranks and the results summed back together."""
-    if not dist.is_initialized():
-        return predict_proba(model, images, device, batch_size)
-    indices = torch.tensor(shard(range(images.shape[0]), dist.get_rank(), dist.get_world_size()), dtype=torch.long)
-    full = torch.zeros(images.shape[0], device=device)
-    full[indices.to(device)] = predict_proba(model, images[indices], device, batch_size).to(device)
-    return all_reduce_sum(full).cpu()
+class BestModel:
+    """The weights of the epoch with the best validation score so far (checkpointed with the run)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = copy.deepcopy(model)
+        self.score = -math.inf
+
+    def update(self, score: float, model: nn.Module) -> None:
+        if score > self.score:
+            self.score = score
+            self.model.load_state_dict(model.state_dict())
+
+    def state_dict(self) -> dict[str, float]:
+        return {"score": self.score}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self.score = float(state["score"])
 
 
 def fit_classifier(
-    train_images: torch.Tensor,
+    train_images: Images,
     train_labels: torch.Tensor,
-    val_images: torch.Tensor,
+    val_images: Images,
     val_labels: torch.Tensor,
     config: ClassifyConfig,
     tracker: Tracker | None = None,
@@ -200,86 +202,67 @@ def fit_classifier(
 ) -> FitResult:
     """Train ``config.model`` on images ``(N,1,H,W)`` (uint8 or float in [0,1]) and integer labels.
 
-    Keeps the epoch with the best validation AUROC. With ``checkpoint_path``, a checkpoint is written
-    after every epoch and an existing one is resumed (model, optimizer, epoch, RNG, best model).
-    Under torchrun the caller must have initialised the process group; only rank 0 writes.
-    ``local``: train in this process alone even under torchrun (evaluations that only rank 0 runs).
+    Keeps the epoch with the best validation AUROC. With ``checkpoint_path``, checkpoints are
+    written by the engine and an existing one is resumed. Under torchrun the caller must have
+    initialised the process group and every rank calls this; only rank 0 writes.
+    ``local``: train in this process alone even under torchrun.
     """
     tracker = tracker or null_tracker()
     device = pick_device(config.device)
-    distributed = dist.is_initialized() and not local
-    rank = dist.get_rank() if distributed else 0
-    world = dist.get_world_size() if distributed else 1
     seed_everything(config.seed)
-
     model = create_classifier(config.model.name, **config.model.kwargs).to(device)
-    best_model = copy.deepcopy(model)
+    best = BestModel(model)
+    world = 1 if local else world_info()[1]
     train_model: nn.Module = DistributedDataParallel(model) if world > 1 else model
     optimizer = torch.optim.AdamW(weight_decay_groups(model, config.train.weight_decay), lr=config.train.lr,
                                   betas=config.train.betas)
+    engine = Engine(
+        "classifier", epochs=config.train.epochs, seed=config.seed, device=device,
+        models={"model": model, "best": best.model}, optimizers={"optimizer": optimizer}, state={"best": best},
+        checkpoint_path=checkpoint_path, tracker=tracker, max_minutes=config.train.max_minutes,
+        num_workers=config.train.num_workers, local=local,
+        checkpoint_every_steps=config.train.checkpoint_every_steps,
+    )
 
-    dataset = TensorDataset(train_images, train_labels.long())
-    # also in a single process: its per-epoch shuffles (seed, epoch) make a resumed run identical
-    sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=config.seed)
-    per_rank_batch = max(1, config.train.batch_size // world)
-    loader = DataLoader(dataset, batch_size=per_rank_batch, sampler=sampler, drop_last=len(dataset) > per_rank_batch)
-
-    start_epoch, best_score, history = 0, -math.inf, []  # score: val AUROC (accuracy if single-class)
-    if checkpoint_path is not None and Path(checkpoint_path).is_file():
-        state = load_checkpoint(checkpoint_path, models={"model": model, "best": best_model},
-                                optimizers={"optimizer": optimizer}, map_location=device)
-        start_epoch, best_score = state["step"], state["extra"]["best_score"]
-        history = list(state["extra"]["history"])
-        log.info("resumed classifier training from %s at epoch %d", checkpoint_path, start_epoch)
-
-    started = time.monotonic()
-    for epoch in range(start_epoch, config.train.epochs):
-        sampler.set_epoch(epoch)
+    def step(batch: list[torch.Tensor], ctx: StepContext) -> dict[str, torch.Tensor]:
+        images, labels, positions = batch
         for group in optimizer.param_groups:
-            group["lr"] = epoch_lr(config.train, epoch)
-        generator = torch.Generator().manual_seed(epoch_seed(config.seed, epoch, rank))
-        train_model.train()
-        loss_sum = torch.zeros((), device=device)
-        for images, labels in progress(loader, desc=f"classifier epoch {epoch + 1}/{config.train.epochs}",
-                                       leave=False):
-            images = to_unit_range(images.to(device))
-            if config.augment.enabled:
-                images = random_affine(images, config.augment, generator)
-            with autocast(device):
-                loss = F.cross_entropy(train_model(images).float(), labels.to(device))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            loss_sum += loss.detach()
-        if distributed:
-            probabilities = distributed_predict_proba(model, val_images, device, config.train.eval_batch_size)
-            train_ce = all_reduce_mean(loss_sum / max(1, len(loader)))
-        else:
-            probabilities = predict_proba(model, val_images, device, config.train.eval_batch_size)
-            train_ce = loss_sum / max(1, len(loader))
-        metrics = {"train_ce": float(train_ce),
-                   **binary_metrics(val_labels, probabilities, prefix="val_")}
-        metrics.pop("val_n")
-        history.append({"epoch": epoch + 1, **metrics})
-        tracker.log_metrics(metrics, step=epoch + 1)
-        score = metrics["val_auroc"] if not math.isnan(metrics["val_auroc"]) else metrics["val_accuracy"]
-        if score > best_score:
-            best_score = score
-            best_model.load_state_dict(model.state_dict())
-        if checkpoint_path is not None and rank == 0:
-            save_checkpoint(checkpoint_path, models={"model": model, "best": best_model},
-                            optimizers={"optimizer": optimizer}, step=epoch + 1,
-                            extra={"best_score": best_score, "history": history})
-        log.info("epoch %d: train CE %.4f, val AUROC %.4f, val accuracy %.4f", epoch + 1,
-                 metrics["train_ce"], metrics["val_auroc"], metrics["val_accuracy"])
-        if out_of_time(started, config.train.max_minutes):
-            log.info("time budget of %.1f min reached after epoch %d", config.train.max_minutes, epoch + 1)
-            break
+            group["lr"] = epoch_lr(config.train, ctx.epoch)
+        x = to_unit_range(images.to(device))
+        if config.augment.enabled:
+            x = random_affine(x, config.augment, uniforms=ctx.uniform(positions, 4))
+        with autocast(device):
+            loss = F.cross_entropy(train_model(x).float(), labels.to(device))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        return {"ce": loss.detach()}
 
-    best_model.eval()
-    val_probabilities = predict_proba(best_model, val_images, device, config.train.eval_batch_size)
+    def evaluate(epoch: int) -> dict[str, float]:
+        probabilities = predict_proba(model, val_images, device, config.train.eval_batch_size, sharded=not local)
+        metrics = binary_metrics(val_labels, probabilities, prefix="val_")
+        metrics.pop("val_n")
+        best.update(metrics["val_auroc"] if not math.isnan(metrics["val_auroc"]) else metrics["val_accuracy"], model)
+        return metrics
+
+    batch_size = fitting_batch_size(config.train.batch_size, len(train_labels), world)
+    run = engine.fit(step, dataset=CohortDataset(train_images, train_labels), batch_size=batch_size,
+                     evaluate=evaluate)
+    best_model = best.model.eval()
+    val_probabilities = predict_proba(best_model, val_images, device, config.train.eval_batch_size,
+                                      sharded=not local)
     final = binary_metrics(val_labels, val_probabilities, prefix="val_")
-    return FitResult(model=best_model, metrics=final, history=history, val_probabilities=val_probabilities)
+    return FitResult(model=best_model, metrics=final, history=run.history, val_probabilities=val_probabilities,
+                     stopped_epoch=run.stopped_epoch)
+
+
+def fitting_batch_size(batch_size: int, n: int, world: int) -> int:
+    """The configured global batch, shrunk (to a multiple of the ranks) only for a cohort smaller than it."""
+    if n >= batch_size:
+        return batch_size
+    fitted = max(world, n // world * world)
+    log.warning("only %d training studies: batch size %d -> %d", n, batch_size, fitted)
+    return fitted
 
 
 def train_classifier_run(ingest_dir: str | Path, out_dir: str | Path, config: ClassifyConfig,
@@ -302,19 +285,20 @@ def train_classifier_run(ingest_dir: str | Path, out_dir: str | Path, config: Cl
     if context.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         save_resolved_config(config, out_dir)
-    with tracker.run(f"classify-{task}", params=config.model_dump(mode="json"), tags={"task": task}):
+    with tracker.run(f"classify-{task}", params=config.model_dump(mode="json"), tags={"task": task},
+                     resume_file=out_dir / RUN_ID_NAME):
         result = fit_classifier(
             cohorts["train"].images, cohorts["train"].labels(task),
             cohorts["val"].images, cohorts["val"].labels(task),
             config, tracker, checkpoint_path=out_dir / CHECKPOINT_NAME,
         )
+        # every rank scores its share of every split; rank 0 writes
+        predictions = predictions_frame(result.model, cohorts, task, context.device, config.train.eval_batch_size)
         if context.is_main:
-            size = list(cohorts["train"].images.shape[-2:])
-            metrics = {**result.metrics, "task": task}
+            size = cohorts["train"].image_size
+            metrics = {**result.metrics, "task": task, "stopped_epoch": result.stopped_epoch}
             save_classifier(result.model, out_dir / "model.safetensors", config.model.name, config.model.kwargs,
                             task=task, input_size=size, metrics=result.metrics)
-            predictions = predictions_frame(result.model, cohorts, task, context.device,
-                                            config.train.eval_batch_size)
             atomic_write_text(out_dir / "predictions.csv", predictions.to_csv(index=False))
             tracker.log_metrics({f"final_{k}": v for k, v in result.metrics.items()})
             atomic_write_text(metrics_path, json.dumps({**metrics, "history": result.history}, indent=2))
@@ -329,7 +313,7 @@ def predictions_frame(model: nn.Module, cohorts: dict[str, Any], task: str, devi
     """``study_id, split, label, p`` for every labelled study of every split."""
     frames = []
     for split, cohort in cohorts.items():
-        probabilities = predict_proba(model, cohort.images, device, batch_size)
+        probabilities = predict_proba(model, cohort.images, device, batch_size, sharded=True)
         frames.append(pd.DataFrame({"study_id": list(cohort.study_ids), "split": split,
                                     "label": cohort.labels(task).numpy(), "p": probabilities.numpy()}))
     return pd.concat(frames, ignore_index=True)

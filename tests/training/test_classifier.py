@@ -61,19 +61,29 @@ def test_fit_learns_a_simple_task_and_keeps_the_best_epoch():
 
 
 def test_resume_gives_the_same_model(tmp_path, monkeypatch):
+    """A run stopped after its second of three epochs and resumed ends with the uninterrupted model."""
+    import pipeline.training.engine as engine_module
+
     x, y = square_images(96, 2)
     vx, vy = square_images(32, 3)
     straight = fit_classifier(x, y, vx, vy, tiny_config(epochs=3))
     checkpoint = tmp_path / "checkpoint.pt"
-    # the same 3-epoch run, interrupted after its second epoch (the lr schedule spans the planned epochs)
-    calls = iter(range(100))
-    monkeypatch.setattr(classifier_module, "out_of_time", lambda started, budget: next(calls) == 1)
-    interrupted = fit_classifier(x, y, vx, vy, tiny_config(epochs=3), checkpoint_path=checkpoint)
-    assert len(interrupted.history) == 2
+    saves = iter(range(100))
+    real_save = engine_module.Engine._save
+
+    def save_then_die(self, *args):  # the process "dies" right after the second epoch's checkpoint
+        real_save(self, *args)
+        if next(saves) == 1:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(engine_module.Engine, "_save", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        fit_classifier(x, y, vx, vy, tiny_config(epochs=3), checkpoint_path=checkpoint)
     monkeypatch.undo()
     resumed = fit_classifier(x, y, vx, vy, tiny_config(epochs=3), checkpoint_path=checkpoint)
     assert [h["epoch"] for h in resumed.history] == [1, 2, 3]
-    assert torch.allclose(straight.val_probabilities, resumed.val_probabilities, atol=1e-6)
+    for name, value in straight.model.state_dict().items():
+        assert torch.equal(value, resumed.model.state_dict()[name]), name
 
 
 def test_augmentation_stays_on_the_grid_and_never_mirrors():
@@ -179,7 +189,9 @@ def test_shipped_yaml_equals_the_code_defaults():
     assert load_config(ClassifyConfig, default_config_path("classify")) == ClassifyConfig()
 
 
-def test_time_budget_stops_after_the_current_epoch():
+def test_time_cap_is_opt_in_and_recorded():
     x, y = square_images(64, 7)
-    result = fit_classifier(x, y, x, y, tiny_config(epochs=5, max_minutes=0))
-    assert len(result.history) == 1
+    capped = fit_classifier(x, y, x, y, tiny_config(epochs=5, max_minutes=0))
+    assert len(capped.history) == 1 and capped.stopped_epoch == 1
+    assert TrainConfig().max_minutes is None
+    assert fit_classifier(x, y, x, y, tiny_config(epochs=2)).stopped_epoch == 2
