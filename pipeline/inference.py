@@ -7,30 +7,41 @@ dequantization, so the same image always gets the same number) and the bits save
 
 Layout of the output folder::
 
-    simplified/<study_id>.npy   uint8 (H, W): exactly the image that p_simpl and bpd_simpl were computed on
+    simplified/                 cohort store (pipeline.data.store), one slot per study: exactly the
+                                uint8 image that p_simpl and bpd_simpl were computed on
     parts/part-<rank>.csv       one row per finished study (PART_COLUMNS), appended and flushed per batch
     predictions.csv             all parts merged by rank 0, sorted by study_id
     metrics.json                cohort summary (also logged to MLflow)
     inputs.json                 SHA-256 of the model files and the ingest config: a resumed run must match
+    mlflow_run.json             the MLflow run, reopened by a resumed run
     config.resolved.yaml
 
-Resuming: a study is finished when its part row *and* its ``.npy`` exist. The ``.npy`` is written
-before the row, so a killed run leaves at worst an image without a row (recomputed) or a torn last
-line (dropped). Rank 0 first rewrites the part files without torn, stale or repeated rows; then
-every rank reads the same finished set and takes its round-robin shard of the rest. Part files of
-an earlier run with another number of ranks are read like any other, so the world size may change
-between runs.
+Nothing holds the cohort in memory: batches stream from the ingest store (DataLoader workers read
+ahead), simplified images go straight into their slots, and only per-study numbers are kept.
+
+Sharding: every rank takes a contiguous share of the unfinished studies (shares differ by at most
+one study; the loop has no collectives, so unequal batch counts are safe). Contiguous shares read
+runs of adjacent slots at once, and each rank writes its own run of the simplified store. On several
+nodes, the ingest and output folders must be on a file system that every node mounts.
+
+Resuming: the part rows are the commit log. A study's row is appended only after its slot is
+written, so a killed run leaves at worst a written slot without a row (recomputed) or a torn last
+line (dropped); a slot is trusted only with its row. Rank 0 first rewrites the part files without
+torn or repeated rows (and, if the simplified store is gone, without any row), then creates the
+store; every rank reads the same finished set and takes its share of the rest. Part files of an
+earlier run with another number of ranks are read like any other, so the world size (nodes,
+processes per node) and the batch size may change between runs.
 """
 
 from __future__ import annotations
 
 import csv
 import hashlib
-import io
 import json
 import logging
 import math
-from collections.abc import Iterable, Sequence
+from array import array
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -38,17 +49,27 @@ import pandas as pd
 import torch
 from pydantic import field_validator
 from torch import Tensor, nn
+from torch.utils.data import DataLoader
 
 from pipeline.config import RESOLVED_CONFIG_NAME, StrictModel, save_resolved_config
+from pipeline.data.dataset import CohortDataset
 from pipeline.data.ingest import TASKS, Cohort, load_cohort, task_labels
 from pipeline.data.manifest import SPLITS
+from pipeline.data.store import CohortStore, StoredImages, is_store
 from pipeline.models.bpd import bits_per_dim
-from pipeline.runtime.atomic import atomic_path, atomic_write_npy, atomic_write_text
+from pipeline.runtime.atomic import atomic_path, atomic_write_text
 from pipeline.runtime.csv_log import AppendOnlyCsv
 from pipeline.runtime.device import autocast
-from pipeline.runtime.distributed import barrier, init_distributed, shard, shutdown_distributed
+from pipeline.runtime.distributed import (
+    barrier,
+    init_distributed,
+    rank_range,
+    shutdown_distributed,
+    world_info,
+)
 from pipeline.runtime.progress import progress
 from pipeline.runtime.tracking import Tracker, TrackingConfig
+from pipeline.training.engine import uint8_collate
 
 log = logging.getLogger(__name__)
 
@@ -57,14 +78,17 @@ PARTS_DIR = "parts"
 PREDICTIONS_NAME = "predictions.csv"
 METRICS_NAME = "metrics.json"
 INPUTS_NAME = "inputs.json"
+RUN_ID_NAME = "mlflow_run.json"
 LABEL_COLUMNS = ("effusion", "sex")
 VALUE_COLUMNS = ("p_orig", "p_simpl", "bpd_orig", "bpd_simpl", "bits_saved")
 PART_COLUMNS = ("study_id", "split", *LABEL_COLUMNS, *VALUE_COLUMNS)
+PART_HEADER = (",".join(PART_COLUMNS) + "\n").encode()
+# how the run is executed, not what it computes: may change when a killed run is resumed, so they
+# are MLflow tags (overwritable) rather than params (fixed once logged)
+EXECUTION_SETTINGS = ("batch_size", "num_workers", "device")
 
 
 # --- config -----------------------------------------------------------------------------------
-
-
 
 
 class ApplyConfig(StrictModel):
@@ -78,6 +102,7 @@ class ApplyConfig(StrictModel):
     split: str | None = None  # None: every split of the ingest folder
     task: str | None = None  # label scored in metrics.json; None: the "task" in the classifier's .json
     batch_size: int = 64
+    num_workers: int = 2  # DataLoader processes reading batches from the store ahead of the models
     device: str = "auto"
     tracking: TrackingConfig = TrackingConfig()
 
@@ -100,6 +125,13 @@ class ApplyConfig(StrictModel):
     def _check_batch_size(cls, value: int) -> int:
         if value < 1:
             raise ValueError(f"batch_size must be >= 1, got {value}")
+        return value
+
+    @field_validator("num_workers")
+    @classmethod
+    def _check_num_workers(cls, value: int) -> int:
+        if value < 0:
+            raise ValueError(f"num_workers must be >= 0 (0 = read in this process), got {value}")
         return value
 
 
@@ -147,17 +179,32 @@ def simplify_batch(
 # --- part tables --------------------------------------------------------------------------------
 
 
-def simplified_path(out_dir: str | Path, study_id: str) -> Path:
-    return Path(out_dir) / SIMPLIFIED_DIR / f"{study_id}.npy"
-
-
 def part_path(out_dir: str | Path, rank: int) -> Path:
     return Path(out_dir) / PARTS_DIR / f"part-{rank}.csv"
 
 
+def simplified_store_path(out_dir: str | Path) -> Path:
+    return Path(out_dir) / SIMPLIFIED_DIR
+
+
+def simplified_images(out_dir: str | Path, study_ids: Sequence[str]) -> StoredImages:
+    """The simplified images of ``study_ids`` (lazy ``uint8 (N, 1, H, W)``), e.g. those of predictions.csv.
+
+    Only studies with a row in ``predictions.csv`` hold valid pixels; other slots may be empty.
+    """
+    store = CohortStore.open(simplified_store_path(out_dir))
+    return StoredImages(store, store.slots(list(study_ids)))
+
+
+def part_files(out_dir: str | Path) -> list[Path]:
+    """Every rank's part file, in rank order (numerically: part-10 after part-9)."""
+    files = [p for p in Path(out_dir, PARTS_DIR).glob("part-*.csv") if p.stem.removeprefix("part-").isdigit()]
+    return sorted(files, key=lambda p: int(p.stem.removeprefix("part-")))
+
+
 def _is_number(text: str) -> bool:
     try:
-        float(text)
+        float(text)  # "nan" too: a model's NaN is a finished value, not a torn one
     except ValueError:
         return False
     return True
@@ -168,55 +215,70 @@ def _is_complete_row(row: Sequence[str]) -> bool:
             and all(_is_number(v) for v in row[len(PART_COLUMNS) - len(VALUE_COLUMNS):]))
 
 
-def read_part_rows(path: str | Path) -> list[list[str]]:
-    """Complete rows of one part file; a last line without its newline (torn by a kill) is dropped."""
-    text = Path(path).read_text(encoding="utf-8")
-    if not text.endswith("\n"):
-        text = text[: text.rfind("\n") + 1]
-    return [row for row in csv.reader(io.StringIO(text)) if _is_complete_row(row)]
+def read_part_rows(path: str | Path) -> Iterator[list[str]]:
+    """Complete rows of one part file, streamed; a last line without its newline (torn by a kill),
+    short rows and repeated headers are dropped."""
+    with open(path, encoding="utf-8", newline="") as fh:
+        whole_lines = (line for line in fh if line.endswith("\n"))
+        yield from (row for row in csv.reader(whole_lines) if _is_complete_row(row))
 
 
-def part_files(out_dir: str | Path) -> list[Path]:
-    """Every rank's part file, in rank order (numerically: part-10 after part-9)."""
-    files = [p for p in Path(out_dir, PARTS_DIR).glob("part-*.csv") if p.stem.removeprefix("part-").isdigit()]
-    return sorted(files, key=lambda p: int(p.stem.removeprefix("part-")))
+class _CommittedRows:
+    """The part files' committed rows, file by file in rank order: complete, the first row of their
+    study, and with a slot in the simplified store (without a store no row is trusted: its image is
+    gone). Streamed, so that only the study ids seen so far are held."""
 
+    def __init__(self, out_dir: Path) -> None:
+        store_root = simplified_store_path(out_dir)
+        self.slotted = frozenset(CohortStore.open(store_root).study_ids if is_store(store_root) else ())
+        self.files = part_files(out_dir)
+        self.seen: set[str] = set()
 
-def _rows_to_csv(rows: Iterable[Sequence[str]]) -> str:
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(PART_COLUMNS)
-    writer.writerows(rows)
-    return buffer.getvalue()
-
-
-def finished_rows(out_dir: str | Path) -> dict[str, list[str]]:
-    """study_id -> its part row, for studies whose row and simplified image both exist."""
-    rows: dict[str, list[str]] = {}
-    for path in part_files(out_dir):
+    def of(self, path: Path) -> Iterator[list[str]]:
         for row in read_part_rows(path):
-            if simplified_path(out_dir, row[0]).is_file():
-                rows[row[0]] = row
-    return rows
+            if row[0] in self.slotted and row[0] not in self.seen:
+                self.seen.add(row[0])
+                yield row
+
+    def __iter__(self) -> Iterator[list[str]]:
+        for path in self.files:
+            yield from self.of(path)
+
+
+def finished_ids(out_dir: str | Path) -> set[str]:
+    """Study ids with a committed part row."""
+    committed = _CommittedRows(Path(out_dir))
+    for _ in committed:
+        pass
+    return committed.seen
+
+
+def _is_clean(path: Path, committed: int) -> bool:
+    """Whether ``path`` is its header plus ``committed`` rows, with nothing torn, stale or repeated."""
+    with open(path, "rb") as fh:
+        header = fh.readline()
+        lines, last = 1, header[-1:]
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            lines, last = lines + block.count(b"\n"), block[-1:]
+    return header == PART_HEADER and last == b"\n" and lines == committed + 1
 
 
 def prune_parts(out_dir: str | Path) -> None:
-    """Rewrite part files without torn rows, rows whose image is missing, and repeats of a study.
+    """Rewrite the part files with their committed rows only, if any file holds more.
 
-    Run by rank 0 alone, before any rank reads or appends, so that every later row of a study is
-    the only one (the merge never has to choose between two).
+    Run by rank 0 alone, before any rank reads or appends and before the store is (re)created, so
+    that every later row of a study is the only one (the merge never has to choose between two).
     """
-    seen: set[str] = set()
-    for path in part_files(out_dir):
-        original = path.read_text(encoding="utf-8")
-        kept = []
-        for row in read_part_rows(path):
-            if row[0] not in seen and simplified_path(out_dir, row[0]).is_file():
-                kept.append(row)
-                seen.add(row[0])
-        pruned = _rows_to_csv(kept)
-        if pruned != original:
-            atomic_write_text(path, pruned)
+    out_dir = Path(out_dir)
+    committed = _CommittedRows(out_dir)
+    if all(_is_clean(path, sum(1 for _ in committed.of(path))) for path in committed.files):
+        return
+    committed = _CommittedRows(out_dir)
+    for path in committed.files:
+        with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as fh:
+            writer = csv.writer(fh, lineterminator="\n")
+            writer.writerow(PART_COLUMNS)
+            writer.writerows(committed.of(path))
 
 
 class PartWriter(AppendOnlyCsv):
@@ -229,20 +291,63 @@ class PartWriter(AppendOnlyCsv):
         self.write_rows(rows)
 
 
-def rows_to_frame(rows: Sequence[Sequence[str]]) -> pd.DataFrame:
-    """Part rows (strings) -> typed table: labels as in the manifest (``Int64`` effusion, ``str`` sex)."""
-    frame = pd.DataFrame([list(r) for r in rows], columns=list(PART_COLUMNS))
+def typed_frame(frame: pd.DataFrame) -> pd.DataFrame:
+    """The part columns, typed: labels as in the manifest (``Int64`` effusion, ``str`` sex), float64
+    values."""
+    frame = frame[list(PART_COLUMNS)].reset_index(drop=True)
     frame["effusion"] = pd.to_numeric(frame["effusion"], errors="coerce").astype("Int64")
     for column in VALUE_COLUMNS:
         frame[column] = frame[column].astype(np.float64)
     return frame
 
 
+def finished_frame(out_dir: str | Path) -> pd.DataFrame:
+    """The committed part rows as a typed table, built column by column (numbers parsed on the way)."""
+    text_columns = PART_COLUMNS[:len(PART_COLUMNS) - len(VALUE_COLUMNS)]
+    texts: dict[str, list[str]] = {c: [] for c in text_columns}
+    values: dict[str, array] = {c: array("d") for c in VALUE_COLUMNS}
+    labels: dict[str, str] = {}  # one object per distinct split or label, not one per study
+    for row in _CommittedRows(Path(out_dir)):
+        texts["study_id"].append(row[0])
+        for column, text in zip(text_columns[1:], row[1:len(text_columns)]):
+            texts[column].append(labels.setdefault(text, text))
+        for column, text in zip(VALUE_COLUMNS, row[len(text_columns):]):
+            values[column].append(float(text))
+    return typed_frame(pd.DataFrame({**texts, **{c: np.frombuffer(v) for c, v in values.items()}}))
+
+
 def _label_text(value: object) -> str:
     return "" if pd.isna(value) else str(value)
 
 
+def _part_rows(frame: pd.DataFrame, positions: Sequence[int], result: dict[str, Tensor]) -> list[list[str]]:
+    """Part rows of the studies at ``positions`` of the cohort ``frame``, in batch order."""
+    meta = frame.iloc[list(positions)]
+    values = np.stack([result[c].double().numpy() for c in VALUE_COLUMNS], axis=1)
+    return [[str(sid), str(split), *(_label_text(v) for v in labels), *(repr(float(v)) for v in row)]
+            for sid, split, *labels, row in zip(meta["study_id"], meta["split"],
+                                                  *(meta[c] for c in LABEL_COLUMNS), values)]
+
+
 # --- a cohort -----------------------------------------------------------------------------------
+
+
+def _todo_share(study_ids: Sequence[str], done: set[str]) -> np.ndarray:
+    """Cohort positions of this rank's contiguous share of the unfinished studies."""
+    todo = np.fromiter((i for i, sid in enumerate(study_ids) if sid not in done), dtype=np.int64)
+    share = rank_range(len(todo))
+    return todo[share.start:share.stop]
+
+
+def _study_batches(images, positions: np.ndarray, batch_size: int, num_workers: int,
+                   pin_memory: bool) -> DataLoader:
+    """``[uint8 images, labels, cohort positions]`` batches of ``positions``, read from the store in order.
+
+    ``num_workers`` processes read ahead, so the models never wait for the disk.
+    """
+    batches = [positions[i:i + batch_size].tolist() for i in range(0, len(positions), batch_size)]
+    return DataLoader(CohortDataset(images), batch_sampler=batches, num_workers=num_workers if batches else 0,
+                      collate_fn=uint8_collate, pin_memory=pin_memory)
 
 
 def apply_to_cohort(
@@ -251,59 +356,55 @@ def apply_to_cohort(
     classifier: nn.Module,
     prior: nn.Module,
     out_dir: str | Path,
-    rank: int = 0,
-    world_size: int = 1,
     batch_size: int = 64,
+    num_workers: int = 0,
     device: torch.device | None = None,
-) -> pd.DataFrame:
-    """Simplify and score this rank's shard of the cohort's unfinished studies; returns the rows computed now.
+) -> list[str]:
+    """Simplify and score this rank's share of the cohort's unfinished studies; returns their study ids.
 
-    Writes ``simplified/<study_id>.npy`` and appends to ``parts/part-<rank>.csv`` (see the module
-    docstring). Under torchrun every rank must call this with the same cohort; it synchronises
-    the ranks itself (no-op barriers without a process group). Models must already be on ``device``
-    (default: the device of the classifier's parameters) and in eval mode.
+    Writes the studies' slots of ``simplified/`` and appends to ``parts/part-<rank>.csv`` (see the
+    module docstring). Under torchrun every rank must call this with the same cohort; it
+    synchronises the ranks itself (no-op barriers without a process group). Models must already be
+    on ``device`` (default: the device of the classifier's parameters) and in eval mode.
     """
     out_dir = Path(out_dir)
     device = device or next(classifier.parameters()).device
+    rank, _ = world_info()
     if rank == 0:
-        prune_parts(out_dir)
-    barrier()  # parts are pruned before anyone reads them
-    done = finished_rows(out_dir)
+        prune_parts(out_dir)  # judged against the store as it was: a lost store voids every row
+        CohortStore.create(simplified_store_path(out_dir), cohort.study_ids, tuple(cohort.image_size))
+    barrier()  # parts are pruned and the store has a slot per study before anyone reads them
+    done = finished_ids(out_dir)
     barrier()  # everyone has the same finished set before anyone appends
-    todo = [i for i, sid in enumerate(cohort.study_ids) if sid not in done]
-    mine = shard(todo, rank, world_size)
-    log.info("rank %d: %d of %d studies finished earlier, %d to do here", rank, len(cohort) - len(todo),
-             len(cohort), len(mine))
+    mine = _todo_share(cohort.study_ids, done)
+    log.info("rank %d: %d of %d studies finished earlier, %d to do here", rank, len(done.intersection(
+        cohort.study_ids)), len(cohort), len(mine))
 
-    splits = cohort.frame["split"].tolist()
-    labels = {c: cohort.frame[c].tolist() for c in LABEL_COLUMNS}
-    new_rows: list[list[str]] = []
-    batches = [mine[i:i + batch_size] for i in range(0, len(mine), batch_size)]
+    store = CohortStore.open(simplified_store_path(out_dir))
+    slots = store.slots(cohort.study_ids)
+    loader = _study_batches(cohort.images, mine, batch_size, num_workers, pin_memory=device.type == "cuda")
+    computed: list[str] = []
     with PartWriter(part_path(out_dir, rank)) as writer:
-        for batch in progress(batches, desc="apply", total=len(batches), unit="batch"):
-            x01 = cohort.images[torch.as_tensor(batch)].to(device).float() / 255.0
+        for images, _, positions in progress(loader, desc="apply", total=len(loader), unit="batch"):
+            x01 = images.to(device, non_blocking=True).float() / 255.0
             result = {k: v.cpu() for k, v in simplify_batch(simplifier, classifier, prior, x01).items()}
-            rows = []
-            for j, i in enumerate(batch):
-                study_id = cohort.study_ids[i]
-                image = result["simplified"][j, 0].numpy()
-                atomic_write_npy(simplified_path(out_dir, study_id), image)
-                rows.append([study_id, splits[i], *(_label_text(labels[c][i]) for c in LABEL_COLUMNS),
-                             *(repr(float(result[c][j])) for c in VALUE_COLUMNS)])
-            writer.write(rows)
-            new_rows += rows
-    return rows_to_frame(new_rows)
+            for image, position in zip(result["simplified"][:, 0].numpy(), positions.tolist()):
+                store.write(int(slots[position]), image)
+            rows = _part_rows(cohort.frame, positions.tolist(), result)
+            writer.write(rows)  # after the slots: the rows commit them
+            computed += [row[0] for row in rows]
+    return computed
 
 
 def merge_parts(out_dir: str | Path, study_ids: Sequence[str]) -> pd.DataFrame:
     """Write ``predictions.csv``: finished rows of ``study_ids`` by study_id; raises if one is missing."""
     out_dir = Path(out_dir)
-    rows = finished_rows(out_dir)
-    missing = [sid for sid in study_ids if sid not in rows]
+    rows = finished_frame(out_dir).set_index("study_id")
+    missing = [sid for sid in study_ids if sid not in rows.index]
     if missing:
         raise RuntimeError(f"{out_dir / PARTS_DIR}: {len(missing)} studies have no finished row, "
                            f"e.g. {missing[:3]}")
-    frame = rows_to_frame([rows[sid] for sid in sorted(study_ids)])
+    frame = rows.loc[sorted(study_ids)].reset_index()
     with atomic_path(out_dir / PREDICTIONS_NAME) as tmp:
         frame.to_csv(tmp, index=False, na_rep="", lineterminator="\n")
     return frame
@@ -315,7 +416,7 @@ def read_predictions(path: str | Path) -> pd.DataFrame:
     missing = [c for c in PART_COLUMNS if c not in frame.columns]
     if missing:
         raise ValueError(f"{path}: missing columns {missing}")
-    return rows_to_frame(frame[list(PART_COLUMNS)].to_numpy().tolist())
+    return typed_frame(frame)
 
 
 def summarize(predictions: pd.DataFrame, task: str | None, num_dims: int) -> dict[str, float]:
@@ -396,8 +497,15 @@ def classifier_task(classifier_path: str | Path) -> str | None:
     return task if task in TASKS else None
 
 
+def tracking_params(config: ApplyConfig) -> tuple[dict, dict[str, str]]:
+    """MLflow params (what defines the results) and tags (how this attempt runs them)."""
+    params = config.model_dump(mode="json", exclude=set(EXECUTION_SETTINGS))
+    tags = {key: str(getattr(config, key)) for key in EXECUTION_SETTINGS}
+    return params, {**tags, "world_size": str(world_info()[1])}
+
+
 def run_apply(config: ApplyConfig) -> dict[str, float]:
-    """``simplebits apply``: load cohort and models, run this rank's shard, merge and summarise on rank 0.
+    """``simplebits apply``: load cohort and models, run this rank's share, merge and summarise on rank 0.
 
     Returns the summary on rank 0 and an empty dict on other ranks.
     """
@@ -427,20 +535,22 @@ def run_apply(config: ApplyConfig) -> dict[str, float]:
             out_dir.mkdir(parents=True, exist_ok=True)
             save_resolved_config(config, out_dir)
             atomic_write_text(out_dir / INPUTS_NAME, json.dumps(fingerprints, indent=2) + "\n")
-        computed = apply_to_cohort(cohort, simplifier, classifier, prior, out_dir, context.rank,
-                                   context.world_size, config.batch_size, device)
-        log.info("rank %d: %d studies simplified in this run", context.rank, len(computed))
-        barrier()  # every part is complete before rank 0 merges
-        if not context.is_main:
-            return {}
-        predictions = merge_parts(out_dir, cohort.study_ids)
-        summary = summarize(predictions, task, num_dims=cohort.images[0].numel())
-        atomic_write_text(out_dir / METRICS_NAME, json.dumps({**summary, "task": task}, indent=2) + "\n")
-        tracker = Tracker.from_config(out_dir, config.tracking)
-        with tracker.run("apply", params=config.model_dump(mode="json"), tags={"task": task or ""}):
+        tracker = Tracker.from_config(out_dir, config.tracking, enabled=context.is_main)
+        params, tags = tracking_params(config)
+        with tracker.run("apply", params=params, tags={**tags, "task": task or ""},
+                         resume_file=out_dir / RUN_ID_NAME):
+            computed = apply_to_cohort(cohort, simplifier, classifier, prior, out_dir, config.batch_size,
+                                       config.num_workers, device)
+            log.info("rank %d: %d studies simplified in this run", context.rank, len(computed))
+            barrier()  # every part is complete before rank 0 merges
+            if not context.is_main:
+                return {}
+            predictions = merge_parts(out_dir, cohort.study_ids)
+            summary = summarize(predictions, task, num_dims=math.prod(cohort.image_size))
+            atomic_write_text(out_dir / METRICS_NAME, json.dumps({**summary, "task": task}, indent=2) + "\n")
             tracker.log_metrics({k: v for k, v in summary.items() if not math.isnan(v)})
             tracker.log_artifact(out_dir / PREDICTIONS_NAME)
             tracker.log_artifact(out_dir / METRICS_NAME)
-        return summary
+            return summary
     finally:
         shutdown_distributed()

@@ -1,59 +1,77 @@
-"""``simplebits apply`` under torchrun with two gloo ranks equals a single-process run."""
+"""``simplebits apply`` under torchrun with two gloo ranks equals a single-process run, also resumed."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
+from distributed_helpers import run_cli, run_torchrun
 from pipeline.data.ingest import load_cohort
-from pipeline.inference import VALUE_COLUMNS, part_files, read_part_rows, read_predictions, simplified_path
+from pipeline.inference import VALUE_COLUMNS, part_files, read_part_rows, read_predictions, simplified_images
 from test_inference import SIZE, make_ingest_dir, save_models
 
 pytestmark = [pytest.mark.dist, pytest.mark.slow]
 
-TORCHRUN = Path(sys.executable).with_name("torchrun")
+# 13 studies in batches of 3: one process takes 5 batches; two ranks take shares of 7 and 6 studies,
+# 3 and 2 batches, so the ranks run unequal numbers of batches (and the count does not divide by 2)
+NUM_STUDIES = 13
+BATCH_SIZE = 3
 
 
-def run_cli(args: list[str], cwd: Path) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    out = subprocess.run(args, capture_output=True, text=True, env=env, cwd=cwd, timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
+def apply_args(models: dict[str, Path], ingest: Path, out: Path, *extra: str) -> list[str]:
+    return ["apply", "--ingest", str(ingest), "--simplifier", str(models["simplifier"]),
+            "--classifier", str(models["classifier"]), "--prior", str(models["prior"]), "--out", str(out),
+            "--batch-size", str(BATCH_SIZE), "--num-workers", "0", "--device", "cpu", "--no-mlflow", *extra]
 
 
-def test_two_gloo_ranks_match_one_process_and_share_the_work(tmp_path):
-    ingest = make_ingest_dir(tmp_path)
-    paths = save_models(tmp_path)
-    common = ["apply", "--ingest", str(ingest), "--simplifier", str(paths["simplifier"]),
-              "--classifier", str(paths["classifier"]), "--prior", str(paths["prior"]),
-              "--batch-size", "4", "--device", "cpu", "--no-mlflow"]
-    run_cli([sys.executable, "-m", "pipeline.cli", *common, "--out", str(tmp_path / "single")], tmp_path)
-    run_cli([str(TORCHRUN), "--standalone", "--nproc-per-node=2", "-m", "pipeline.cli", *common,
-             "--out", str(tmp_path / "ddp")], tmp_path)
-
-    single = read_predictions(tmp_path / "single" / "predictions.csv")
-    ddp = read_predictions(tmp_path / "ddp" / "predictions.csv")
-    assert ddp.study_id.tolist() == single.study_id.tolist()
+def assert_same_outputs(out: Path, reference: Path) -> None:
+    """predictions.csv equal (values to 1e-5: per-study results do not depend on the batch but for
+    float summation order) and identical simplified images."""
+    single = read_predictions(reference / "predictions.csv")
+    other = read_predictions(out / "predictions.csv")
+    assert other.study_id.tolist() == single.study_id.tolist()
     assert len(single) == len(set(single.study_id))
     for column in ("split", "sex", "effusion"):
-        assert ddp[column].astype(str).tolist() == single[column].astype(str).tolist()
+        assert other[column].astype(str).tolist() == single[column].astype(str).tolist()
     for column in VALUE_COLUMNS:
         # bits saved is a bpd difference times D: its tolerance scales with D
         atol = 1e-5 * (SIZE * SIZE if column == "bits_saved" else 1)
-        np.testing.assert_allclose(ddp[column].to_numpy(), single[column].to_numpy(), rtol=0, atol=atol,
+        np.testing.assert_allclose(other[column].to_numpy(), single[column].to_numpy(), rtol=0, atol=atol,
                                    err_msg=column)
-    for study_id in single.study_id:
-        np.testing.assert_array_equal(np.load(simplified_path(tmp_path / "ddp", study_id)),
-                                      np.load(simplified_path(tmp_path / "single", study_id)))
+    ids = single.study_id.tolist()
+    assert torch.equal(simplified_images(out, ids).load(), simplified_images(reference, ids).load())
 
-    # every study was processed exactly once, by the rank whose round-robin shard holds it
-    parts = part_files(tmp_path / "ddp")
-    assert [p.name for p in parts] == ["part-0.csv", "part-1.csv"]
-    per_rank = [[row[0] for row in read_part_rows(p)] for p in parts]
-    assert sorted(per_rank[0] + per_rank[1]) == single.study_id.tolist()
-    manifest_order = load_cohort(ingest).study_ids
-    assert [sorted(ids) for ids in per_rank] == [sorted(manifest_order[0::2]), sorted(manifest_order[1::2])]
+
+def rows_per_part(out: Path) -> list[list[str]]:
+    return [[row[0] for row in read_part_rows(p)] for p in part_files(out)]
+
+
+def test_two_gloo_ranks_match_one_process_and_share_the_work(tmp_path):
+    ingest, models = make_ingest_dir(tmp_path, num_studies=NUM_STUDIES), save_models(tmp_path)
+    run_cli(apply_args(models, ingest, tmp_path / "single"), tmp_path)
+    run_torchrun(apply_args(models, ingest, tmp_path / "ddp"), tmp_path, nproc_per_node=2)
+    assert_same_outputs(tmp_path / "ddp", tmp_path / "single")
+
+    # every study was processed exactly once, by the rank whose contiguous share holds it
+    assert [p.name for p in part_files(tmp_path / "ddp")] == ["part-0.csv", "part-1.csv"]
+    order = load_cohort(ingest).study_ids
+    assert rows_per_part(tmp_path / "ddp") == [order[:7], order[7:]]
+
+
+def test_two_ranks_resume_what_one_process_began(tmp_path):
+    """One process did the test split (6 studies); two ranks then share only the rest (7 val studies:
+    4 and 3, in 2 and 1 batches)."""
+    ingest, models = make_ingest_dir(tmp_path, num_studies=NUM_STUDIES), save_models(tmp_path)
+    run_cli(apply_args(models, ingest, tmp_path / "single"), tmp_path)
+    out = tmp_path / "resumed"
+    run_cli(apply_args(models, ingest, out, "--split", "test"), tmp_path)
+    run_torchrun(apply_args(models, ingest, out), tmp_path, nproc_per_node=2)
+    assert_same_outputs(out, tmp_path / "single")
+
+    test = load_cohort(ingest, split="test").study_ids
+    rest = [sid for sid in load_cohort(ingest).study_ids if sid not in set(test)]
+    assert len(rest) == 7
+    assert rows_per_part(out) == [test + rest[:4], rest[4:]]

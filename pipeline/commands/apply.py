@@ -10,11 +10,19 @@ from pipeline.config import add_config_arguments, config_from_args
 DESCRIPTION = """\
 Simplify every study of an ingest folder (or one split) and score original and simplified images:
 P(positive) of the classifier, bits per dimension under the prior (midpoint dequantization) and
-bits saved per study. Writes OUT/simplified/<study_id>.npy, OUT/parts/part-<rank>.csv,
-OUT/predictions.csv and OUT/metrics.json. Re-running skips finished studies.
+bits saved per study. Writes OUT/simplified/ (a cohort store: one uint8 slot per study),
+OUT/parts/part-<rank>.csv, OUT/predictions.csv and OUT/metrics.json. Re-running skips finished
+studies, also with another number of processes or nodes.
 
-Several processes (one per GPU, or CPU processes with gloo):
+Several processes on one machine (one per GPU, or CPU processes with gloo):
   torchrun --standalone --nproc-per-node=N -m pipeline.cli apply --ingest DIR ...
+
+Several machines (DIR and OUT on a file system every node mounts at the same path), e.g. two
+nodes with 8 GPUs each: the same command on every node; NODE0 is node 0's address, the node that
+hosts the rendezvous (the c10d backend assigns ranks itself; add --local-addr=THIS_NODE if the
+nodes cannot resolve each other's host names):
+  torchrun --nnodes=2 --nproc-per-node=8 --rdzv-backend=c10d --rdzv-endpoint=NODE0:29400 \\
+      --rdzv-id=apply-RUN -m pipeline.cli apply --ingest DIR ...
 """
 
 
@@ -34,6 +42,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--task", choices=("effusion", "sex"),
                         help="label to score in metrics.json (default: the task in the classifier's .json)")
     parser.add_argument("--batch-size", type=int, help="studies per batch and rank (default: config, 64)")
+    parser.add_argument("--num-workers", type=int,
+                        help="DataLoader processes per rank reading the store ahead (default: config, 2)")
     parser.add_argument("--device", help="auto | cpu | cuda (default: config, auto)")
     parser.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
     add_config_arguments(parser, "apply")
@@ -47,7 +57,8 @@ def run(args: argparse.Namespace) -> int:
     config = config_from_args(
         ApplyConfig, args, ingest=args.ingest, simplifier=args.simplifier, classifier=args.classifier,
         prior=args.prior, out=args.out, split=args.split, task=args.task, batch_size=args.batch_size,
-        device=args.device, **{"tracking.enabled": False if args.no_mlflow else None},
+        num_workers=args.num_workers, device=args.device,
+        **{"tracking.enabled": False if args.no_mlflow else None},
     )
     summary = run_apply(config)
     if summary:

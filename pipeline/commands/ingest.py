@@ -1,4 +1,4 @@
-"""``simplebits ingest``: manifest -> working-resolution cache, status table and ok-manifest."""
+"""``simplebits ingest``: manifest -> working-resolution image store, status table and ok-manifest."""
 
 from __future__ import annotations
 
@@ -13,15 +13,16 @@ log = logging.getLogger(__name__)
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "ingest",
-        help="read, validate and cache a manifest's images at working resolution",
-        description="Read every image of a manifest, cache it as uint8 at working resolution and "
+        help="read, validate and store a manifest's images at working resolution",
+        description="Read every image of a manifest, store it as uint8 at working resolution and "
         "record ok/error per study in status.csv. Re-running skips finished studies. "
         "Works under torchrun (one shard per rank).",
     )
     parser.add_argument("--manifest", required=True, help="manifest CSV (see data_manifests/README.md)")
-    parser.add_argument("--out", required=True, help="ingest folder (cache/, status.csv, manifest.csv)")
+    parser.add_argument("--out", required=True, help="ingest folder (store/, status.csv, manifest.csv)")
     parser.add_argument("--size", type=int, default=None, help="working resolution, 32..256 (default 64)")
-    parser.add_argument("--workers", type=int, default=None, help="decode processes (default 0: in-process)")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="decode processes; they exit with this one (default 0: in-process)")
     parser.add_argument("--retry-errors", action="store_true", default=None,
                         help="re-try studies that failed in an earlier run")
     add_config_arguments(parser, "ingest")

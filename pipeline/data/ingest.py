@@ -1,22 +1,26 @@
-"""Ingest: manifest -> validated, working-resolution ``uint8`` cache + status table; resumable.
+"""Ingest: manifest -> validated, working-resolution ``uint8`` store + status table; resumable.
 
 Layout of the ingest folder::
 
-    cache/<study_id>.npy     uint8 (size, size), written atomically
+    store/                   cohort store (pipeline.data.store): uint8 (size, size) per study slot
     status.csv               study_id, status (ok|error), reason, seconds; appended as studies finish
     manifest.csv             the manifest rows of ok studies (image_path made absolute)
     config.resolved.yaml
 
-The cache is our own one-``.npy``-per-study folder rather than MONAI's ``PersistentDataset``:
-files are keyed by the study pseudonym (PersistentDataset names them by a hash of the transform
-chain and input dict), hold no metadata (its pickles would carry the DICOM UIDs), load with plain
-numpy anywhere, and pair one-to-one with status rows, which is what makes resuming exact.
+The store is ours rather than MONAI's ``PersistentDataset``: slots are keyed by the study pseudonym
+(PersistentDataset names files by a hash of the transform chain and input dict), hold no metadata
+(its pickles would carry the DICOM UIDs) and load with plain numpy anywhere. Rank 0 creates one
+slot per manifest study before decoding starts; decode workers write their study's slot in place
+and send back only a small :class:`StudyResult`.
 
-Resuming: ok studies whose cache file exists and (unless ``retry_errors``) failed studies are
-skipped. A status row is written only after its cache file is in place and is flushed at once, so
-a killed run loses at most the study in flight. Under torchrun each rank appends to
+Resuming: the status table is the commit log. A status row is appended (and flushed) only after
+its study's slot is written, so a killed run loses at most the studies in flight, and a slot
+without an ok row is never trusted. Ok studies with a slot in the store and (unless
+``retry_errors``) failed studies are skipped; if the store itself is lost, the status table is set
+aside and everything is redone. Under torchrun each rank appends to
 ``status.part-<rank>.csv``; rank 0 folds the parts into ``status.csv`` (also leftovers of a killed
-run, at the next start).
+run, at the next start). Rows are flushed, not fsynced: this survives killed processes, not a
+power cut (re-run with a fresh folder after one).
 
 Privacy: rows are keyed by the study pseudonym and a failure's reason names only the image's
 *file name* (never its folder); for the demo cohort file names are pseudonyms. For user data the
@@ -26,9 +30,16 @@ stays in the local ingest folder and must not be logged to MLflow or copied into
 
 from __future__ import annotations
 
+import collections
 import csv
+import ctypes
 import functools
 import logging
+import multiprocessing
+import os
+import signal
+import sys
+import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -45,17 +56,18 @@ from pydantic import field_validator
 
 from pipeline.config import RESOLVED_CONFIG_NAME, StrictModel, save_resolved_config
 from pipeline.data.manifest import read_manifest, resolve_image_paths, write_manifest
+from pipeline.data.store import CohortStore, StoredImages, is_store, write_images
 from pipeline.data.transforms import DEFAULT_SIZE, ingest_transforms, validate_size
 from pipeline.io.readers import RadiographReadError
-from pipeline.runtime.atomic import atomic_save
 from pipeline.runtime.csv_log import AppendOnlyCsv
 from pipeline.runtime.distributed import barrier, shard
 from pipeline.runtime.progress import progress
 
 log = logging.getLogger(__name__)
 
-CACHE_DIR = "cache"
+STORE_DIR = "store"
 STATUS_NAME = "status.csv"
+ORPHANED_STATUS_NAME = "status.orphaned.csv"  # a status table set aside because its store was lost
 MANIFEST_NAME = "manifest.csv"
 STATUS_COLUMNS = ("study_id", "status", "reason", "seconds")
 TASKS = ("effusion", "sex")
@@ -102,8 +114,8 @@ class IngestSummary:
     skipped: int  # finished in an earlier run
 
 
-def cache_path(ingest_dir: str | Path, study_id: str) -> Path:
-    return Path(ingest_dir) / CACHE_DIR / f"{study_id}.npy"
+def store_path(ingest_dir: str | Path) -> Path:
+    return Path(ingest_dir) / STORE_DIR
 
 
 # --- one study ------------------------------------------------------------------------------
@@ -114,10 +126,19 @@ def _chain(size: int, voi: str, pad_mode: str):
     return ingest_transforms(size=size, voi=voi, pad_mode=pad_mode)
 
 
+@functools.lru_cache(maxsize=4)
+def _open_store(root: str) -> CohortStore:
+    """One open store per process and root, so a decode worker keeps its shard descriptors."""
+    return CohortStore.open(root)
+
+
 def process_study(
-    study_id: str, image_path: str, cache_file: str, size: int, voi: str, pad_mode: str
+    study_id: str, image_path: str, store_root: str, slot: int, size: int, voi: str, pad_mode: str
 ) -> StudyResult:
-    """Read, validate and transform one image and cache it; never raises for a bad file."""
+    """Read, validate and transform one image into its store slot; never raises for a bad file.
+
+    Runs in the decode worker, which writes the pixels itself: only the small result travels back.
+    """
     start = time.perf_counter()
     try:
         image = _chain(size, voi, pad_mode)({"image": image_path})["image"]
@@ -126,7 +147,7 @@ def process_study(
             raise ValueError(
                 f"transform chain returned {array.dtype} {array.shape}, expected uint8 {(size, size)}"
             )
-        atomic_save(cache_file, lambda fh: np.save(fh, array, allow_pickle=False))
+        _open_store(store_root).write(slot, array)
         return StudyResult(study_id, "ok", "", time.perf_counter() - start)
     except Exception as err:  # one bad file must never stop the run; its reason goes to the table
         return StudyResult(study_id, "error", failure_reason(err, image_path), time.perf_counter() - start)
@@ -146,19 +167,68 @@ def failure_reason(err: BaseException, image_path: str | Path) -> str:
     return f"{name}: {type(innermost).__name__}: {message}".replace("\n", " ")[:500]
 
 
-def _worker_init() -> None:
-    # Each worker decodes one image at a time; intra-op threads would only fight over 2 cores.
+# --- decode workers ---------------------------------------------------------------------------
+
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+PARENT_POLL_SECONDS = 1.0
+IN_FLIGHT_PER_WORKER = 4  # enough queued work that no worker idles while the parent writes status
+
+
+def _worker_init(parent_pid: int) -> None:
+    # Each worker decodes one image at a time; intra-op threads would only fight over the cores.
     torch.set_num_threads(1)
+    _exit_with_parent(parent_pid)
+
+
+def _exit_with_parent(parent_pid: int) -> None:
+    """Make this worker die with the ingest process, even when that one is killed with SIGKILL.
+
+    A killed parent cannot shut its pool down, and idle workers wait on a queue whose write end
+    they hold themselves, so without this they would live on (hundreds of MB each). Linux delivers
+    SIGKILL on the parent's death (``PR_SET_PDEATHSIG``); the watchdog thread covers other systems
+    and a failed ``prctl``. A parent that died before this ran is caught by the pid comparison.
+    """
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+        except (OSError, AttributeError):
+            pass  # the watchdog below still applies
+    if os.getppid() != parent_pid:
+        os._exit(1)
+    watch = threading.Thread(target=_watch_parent, args=(parent_pid,), name="ingest-parent-watch", daemon=True)
+    watch.start()
+
+
+def _watch_parent(parent_pid: int) -> None:
+    while os.getppid() == parent_pid:  # an orphan is re-parented to init or a subreaper
+        time.sleep(PARENT_POLL_SECONDS)
+    os._exit(1)
+
+
+def _pool_context():
+    """``fork`` on Linux: workers inherit the imported torch/MONAI/pydicom (a spawned worker re-imports
+    them for seconds) and have this process as their parent, which :func:`_exit_with_parent` watches."""
+    return multiprocessing.get_context("fork") if sys.platform.startswith("linux") else None
 
 
 def _run_studies(jobs: Sequence[tuple], workers: int) -> Iterator[StudyResult]:
+    """Results in job order; with workers, at most ``IN_FLIGHT_PER_WORKER`` jobs queued per worker
+    (``pool.map`` would create a future per study up front: hundreds of MB at MIMIC scale)."""
     if workers == 0:
         for job in jobs:
             yield process_study(*job)
         return
-    pool = ProcessPoolExecutor(max_workers=workers, initializer=_worker_init)
+    pool = ProcessPoolExecutor(max_workers=workers, mp_context=_pool_context(),
+                               initializer=_worker_init, initargs=(os.getpid(),))
+    pending: collections.deque = collections.deque()
     try:
-        yield from pool.map(process_study, *zip(*jobs), chunksize=1) if jobs else ()
+        for job in jobs:
+            pending.append(pool.submit(process_study, *job))
+            if len(pending) >= workers * IN_FLIGHT_PER_WORKER:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
 
@@ -211,11 +281,23 @@ def merge_status_parts(ingest_dir: Path) -> None:
         part.unlink()
 
 
-def finished_studies(status: pd.DataFrame, ingest_dir: Path, retry_errors: bool) -> set[str]:
-    ok_ids = status.loc[status.status == "ok", "study_id"]
-    ok = {sid for sid in ok_ids if cache_path(ingest_dir, sid).exists()}
+def finished_studies(status: pd.DataFrame, store: CohortStore, retry_errors: bool) -> set[str]:
+    """Studies to skip: ok ones with a slot in the store and (unless retrying) failed ones."""
+    ok = set(status.loc[status.status == "ok", "study_id"]).intersection(store.study_ids)
     errors = set() if retry_errors else set(status.loc[status.status == "error", "study_id"])
     return ok | errors
+
+
+def retire_status(ingest_dir: Path) -> None:
+    """Set aside a status table whose store is gone: its ok rows vouch for pixels that no longer exist.
+
+    Without this a re-created (empty) store would be trusted for every study the table calls ok.
+    """
+    status = ingest_dir / STATUS_NAME
+    if status.is_file():
+        status.replace(ingest_dir / ORPHANED_STATUS_NAME)
+        log.warning("%s: no image store; the status table was moved to %s and every study is redone",
+                    ingest_dir, ORPHANED_STATUS_NAME)
 
 
 # --- the run ----------------------------------------------------------------------------------
@@ -249,7 +331,8 @@ def _rank_world() -> tuple[int, int]:
 
 
 def ingest(config: IngestConfig) -> IngestSummary:
-    """Cache every manifest study not finished before; returns counts (see :class:`IngestSummary`).
+    """Decode every manifest study not finished before into the store; returns counts (see
+    :class:`IngestSummary`).
 
     Under torchrun (process group initialised by the caller) each rank takes a round-robin shard.
     """
@@ -260,23 +343,30 @@ def ingest(config: IngestConfig) -> IngestSummary:
     rank, world = _rank_world()
     manifest = read_manifest(config.manifest)
     manifest["image_path"] = resolve_image_paths(manifest, config.manifest)
+    study_ids = manifest["study_id"].tolist()
 
     check_cache_compatible(out, config)
     if rank == 0:
         merge_status_parts(out)
+        if not is_store(store_path(out)):
+            retire_status(out)
         save_resolved_config(config, out)
+        CohortStore.create(store_path(out), study_ids, config.size)  # or extend it, keeping its slots
     barrier()
-    done = finished_studies(read_status(out / STATUS_NAME), out, config.retry_errors)
+    _open_store.cache_clear()  # a store cached by an earlier run may since have been replaced
+    store = CohortStore.open(store_path(out))
+    done = finished_studies(read_status(out / STATUS_NAME), store, config.retry_errors)
+    root = str(store.root)
     todo = [
-        (sid, path, str(cache_path(out, sid)), config.size, config.voi, config.pad_mode)
-        for sid, path in zip(manifest.study_id, manifest.image_path)
+        (sid, path, root, int(slot), config.size, config.voi, config.pad_mode)
+        for sid, path, slot in zip(study_ids, manifest["image_path"], store.slots(study_ids))
         if sid not in done
     ]
     mine = shard(todo, rank, world)
     status_file = out / (STATUS_NAME if world == 1 else f"status.part-{rank}.csv")
     with StatusWriter(status_file) as writer:
         for result in progress(_run_studies(mine, config.workers), desc="ingest", total=len(mine)):
-            writer.write(result)
+            writer.write(result)  # after the worker wrote the slot: the row commits it
             if result.status == "error":
                 log.warning("%s: %s", result.study_id, result.reason)
     barrier()
@@ -288,7 +378,7 @@ def ingest(config: IngestConfig) -> IngestSummary:
         write_manifest(manifest[manifest.study_id.isin(ok_ids)], out / MANIFEST_NAME)
     barrier()
     status = read_status(out / STATUS_NAME)
-    in_manifest = status[status.study_id.isin(set(manifest.study_id))]
+    in_manifest = status[status.study_id.isin(set(study_ids))]
     return IngestSummary(
         total=len(manifest),
         ok=int((in_manifest.status == "ok").sum()),
@@ -303,12 +393,14 @@ def ingest(config: IngestConfig) -> IngestSummary:
 
 @dataclass
 class Cohort:
-    """Cached working images with their manifest rows, aligned by position.
+    """Working images with their manifest rows, aligned by position.
 
-    ``images``: uint8 ``(N, 1, H, W)``; ``frame``: manifest rows (RangeIndex); ``study_ids``: list.
+    ``images``: ``uint8 (N, 1, H, W)``, either lazily read from the ingest store
+    (:class:`~pipeline.data.store.StoredImages`, the normal case: nothing is held in memory) or an
+    in-memory tensor (small cohorts built in code). ``frame``: manifest rows (RangeIndex).
     """
 
-    images: torch.Tensor
+    images: torch.Tensor | StoredImages
     frame: pd.DataFrame
     study_ids: list[str] = field(default_factory=list)
 
@@ -324,9 +416,14 @@ class Cohort:
     def __len__(self) -> int:
         return len(self.frame)
 
+    @property
+    def image_size(self) -> list[int]:
+        return [int(v) for v in self.images.shape[-2:]]
+
     def float(self) -> torch.Tensor:
-        """Images as float32 in [0, 1] on the 8-bit grid (``k/255``)."""
-        return self.images.float() / 255.0
+        """All images as float32 in [0, 1] on the 8-bit grid (``k/255``); loads the whole cohort."""
+        images = self.images.load() if isinstance(self.images, StoredImages) else self.images
+        return images.float() / 255.0
 
     def labels(self, task: str) -> torch.Tensor:
         """``(N,)`` int64 labels: effusion 1/0; sex M=1, F=0. Raises if any row lacks the label."""
@@ -344,9 +441,13 @@ class Cohort:
         mask = np.asarray(list(keep) if not isinstance(keep, np.ndarray) else keep, dtype=bool)
         if mask.shape != (len(self),):
             raise ValueError(f"select needs one bool per study ({len(self)}), got shape {mask.shape}")
-        index = torch.as_tensor(np.flatnonzero(mask), dtype=torch.long)
+        positions = np.flatnonzero(mask)
         frame = self.frame[mask].reset_index(drop=True)
-        return Cohort(self.images[index], frame, frame["study_id"].tolist())
+        if isinstance(self.images, StoredImages):
+            images = self.images.subset(positions)
+        else:
+            images = self.images[torch.as_tensor(positions, dtype=torch.long)]
+        return Cohort(images, frame, frame["study_id"].tolist())
 
 
 def task_labels(frame: pd.DataFrame, task: str) -> pd.Series:
@@ -358,8 +459,18 @@ def task_labels(frame: pd.DataFrame, task: str) -> pd.Series:
     raise ValueError(f"task must be one of {TASKS}, got {task!r}")
 
 
+def open_store(ingest_dir: str | Path) -> CohortStore:
+    path = store_path(ingest_dir)
+    if not is_store(path):
+        raise FileNotFoundError(f"{ingest_dir}: no image store ({STORE_DIR}/); run simplebits ingest first")
+    return CohortStore.open(path)
+
+
 def load_cohort(ingest_dir: str | Path, split: str | None = None, task: str | None = None) -> Cohort:
-    """Load the ok studies of an ingest folder, optionally one split and only rows labelled for ``task``."""
+    """The ok studies of an ingest folder (optionally one split, only rows labelled for ``task``).
+
+    Images stay on disk: the cohort reads them lazily from the store, batch by batch.
+    """
     ingest_dir = Path(ingest_dir)
     frame = read_manifest(ingest_dir / MANIFEST_NAME)
     if split is not None:
@@ -367,14 +478,8 @@ def load_cohort(ingest_dir: str | Path, split: str | None = None, task: str | No
     if task is not None:
         frame = frame[task_labels(frame, task).notna().to_numpy()]
     frame = frame.reset_index(drop=True)
-    arrays = [_load_cached(cache_path(ingest_dir, sid)) for sid in frame["study_id"]]
-    shapes = {a.shape for a in arrays}
-    if len(shapes) > 1:
-        raise ValueError(f"{ingest_dir / CACHE_DIR}: cached images differ in shape {sorted(shapes)}")
-    if arrays:
-        images = torch.from_numpy(np.stack(arrays))[:, None]
-    else:
-        images = torch.zeros((0, 1, 0, 0), dtype=torch.uint8)
+    store = open_store(ingest_dir)
+    images = StoredImages(store, store.slots(frame["study_id"].tolist()))
     return Cohort(images=images, frame=frame, study_ids=frame["study_id"].tolist())
 
 
@@ -386,10 +491,19 @@ def load_task_splits(ingest_dir: str | Path, task: str) -> dict[str, Cohort]:
     return cohorts
 
 
-def _load_cached(path: Path) -> np.ndarray:
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: cached image missing; re-run simplebits ingest")
-    array = np.load(path, allow_pickle=False)
-    if array.ndim != 2 or array.dtype != np.uint8:
-        raise ValueError(f"{path}: expected a 2D uint8 image, got {array.dtype} {array.shape}")
-    return array
+def write_ingest_folder(ingest_dir: str | Path, manifest: pd.DataFrame, images: np.ndarray | torch.Tensor) -> Path:
+    """An ingest folder from images already at working resolution: store, status table, manifest.
+
+    For fixtures, tests and the scale cohort (no decoding). ``images``: ``uint8 (N, H, W)`` or
+    ``(N, 1, H, W)`` aligned with ``manifest`` rows (which must follow the manifest schema).
+    """
+    ingest_dir = Path(ingest_dir)
+    array = np.asarray(images.numpy() if isinstance(images, torch.Tensor) else images)
+    array = array.reshape(len(manifest), *array.shape[-2:]).astype(np.uint8, copy=False)
+    ids = manifest["study_id"].astype(str).tolist()
+    write_images(store_path(ingest_dir), ids, array)
+    with StatusWriter(ingest_dir / STATUS_NAME) as writer:
+        for sid in ids:
+            writer.write(StudyResult(sid, "ok", "", 0.0))
+    write_manifest(manifest, ingest_dir / MANIFEST_NAME)
+    return ingest_dir

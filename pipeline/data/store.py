@@ -29,7 +29,7 @@ from __future__ import annotations
 import json
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -257,6 +257,30 @@ class CohortStore:
     def __del__(self) -> None:  # pragma: no cover - best effort
         if getattr(self, "_pid", None) == os.getpid():
             self.close()
+
+
+def write_images(root: str | Path, study_ids: Sequence[str], images: np.ndarray) -> CohortStore:
+    """A store at ``root`` holding ``images`` (``uint8 (N, H, W)`` or ``(N, 1, H, W)``) by study id."""
+    array = np.asarray(images, dtype=np.uint8)
+    array = array.reshape(len(study_ids), *array.shape[-2:])
+    store = CohortStore.create(root, list(study_ids), tuple(array.shape[-2:]))
+    for slot, image in zip(store.slots(list(study_ids)), array):
+        store.write(int(slot), image)
+    return store
+
+
+def image_loader(root: str | Path) -> Callable[[str], np.ndarray]:
+    """``study_id -> uint8 (H, W)`` from the store at ``root``, opened at the first call (a run whose
+    outputs all exist never needs it); errors name the store and the study."""
+    store: CohortStore | None = None
+
+    def load(study_id: str) -> np.ndarray:
+        nonlocal store
+        if store is None:
+            store = CohortStore.open(root)
+        return store.read([store.slot(study_id)])[0]
+
+    return load
 
 
 class StoredImages:

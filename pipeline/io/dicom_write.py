@@ -130,17 +130,21 @@ def write_run_secondary_captures(
     if not manifest_path.is_file():
         raise FileNotFoundError(f"{manifest_path}: ingest manifest not found")
     manifest = pd.read_csv(manifest_path, dtype=str, keep_default_na=False)
-    sim_dir = run_dir / "simplify" / simplify_name / "simplified"
+    from pipeline.data.store import CohortStore
+    from pipeline.report.study import read_predictions
+
+    sim_dir = run_dir / "simplify" / simplify_name
+    simplified = CohortStore.open(sim_dir / "simplified")
+    done = set(read_predictions(sim_dir / "predictions.csv")["study_id"])  # the slots holding pixels
     out_dir = Path(out_dir) if out_dir else run_dir / "dicom_sc"
     series_uid = UID()
     written = []
     for number, row in enumerate(manifest.itertuples(index=False), start=1):
-        pixels_path = sim_dir / f"{row.study_id}.npy"
         source = Path(row.image_path)
         source = source if source.is_absolute() else manifest_path.parent / source
-        if not pixels_path.is_file() or not source.is_file() or not pydicom.misc.is_dicom(source):
+        if row.study_id not in done or not source.is_file() or not pydicom.misc.is_dicom(source):
             continue
-        pixels = np.load(pixels_path, allow_pickle=False)
+        pixels = simplified.read([simplified.slot(row.study_id)])[0]
         written.append(write_secondary_capture(
             source, pixels, out_dir / f"{row.study_id}.dcm", row.patient_id, allow_identity,
             series_instance_uid=series_uid, instance_number=number,

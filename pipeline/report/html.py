@@ -275,9 +275,8 @@ def write_run_cohort_report(
     min_subgroup_size: int = 1,
 ) -> Path:
     """The cohort report of one simplification run, into ``RUN_DIR/cohort_report``."""
-    from pipeline.report.study import (
-        DEFAULT_CLASS_NAMES, load_uint8_image, parse_simplify_name, read_manifest, read_predictions,
-    )
+    from pipeline.data.store import image_loader
+    from pipeline.report.study import DEFAULT_CLASS_NAMES, parse_simplify_name, read_manifest, read_predictions
 
     run_dir = Path(run_dir)
     sim_dir = run_dir / "simplify" / simplify_name
@@ -288,7 +287,7 @@ def write_run_cohort_report(
     if predictions.empty:
         raise ValueError(f"{sim_dir / 'predictions.csv'}: no studies to report (splits={splits})")
     first = predictions["study_id"].iloc[0]
-    dims = load_uint8_image(sim_dir / "simplified" / f"{first}.npy").size
+    dims = image_loader(sim_dir / "simplified")(first).size
     table = cohort.build_study_table(predictions, read_manifest(run_dir), dims=dims, task=task)
     names = {**DEFAULT_CLASS_NAMES, **(class_names or {})}.get(task, ("negative", "positive"))
     metrics_path = sim_dir / "metrics.json"

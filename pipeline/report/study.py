@@ -123,19 +123,6 @@ def _plain(value: Any) -> Any:
 # ---------------------------------------------------------------------------------------------- pixels
 
 
-def load_uint8_image(path: str | Path) -> np.ndarray:
-    """A cached ``H x W`` uint8 image (``.npy``); errors name the file and the reason."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: image not found")
-    array = np.load(path, allow_pickle=False)
-    if array.ndim == 3 and array.shape[0] == 1:
-        array = array[0]
-    if array.ndim != 2 or array.dtype != np.uint8:
-        raise ValueError(f"{path}: expected an H x W uint8 image, got shape {array.shape} dtype {array.dtype}")
-    return array
-
-
 @lru_cache(maxsize=4)
 def _diverging_lut(name: str = "RdBu_r") -> np.ndarray:
     """256 x 3 uint8 colour table; matplotlib is used only for its colormap values."""
@@ -333,6 +320,7 @@ def write_run_study_reports(
     overwrite: bool = False,
 ) -> list[Path]:
     """Reports for one simplification run of a run folder, into ``RUN_DIR/studies``."""
+    from pipeline.data.store import image_loader
     from pipeline.report.cohort import build_study_table
 
     run_dir = Path(run_dir)
@@ -344,8 +332,8 @@ def write_run_study_reports(
     table = build_study_table(predictions, read_manifest(run_dir), task=task)
     return write_study_reports(
         table,
-        load_original=lambda sid: load_uint8_image(run_dir / "ingest" / "cache" / f"{sid}.npy"),
-        load_simplified=lambda sid: load_uint8_image(sim_dir / "simplified" / f"{sid}.npy"),
+        load_original=image_loader(run_dir / "ingest" / "store"),
+        load_simplified=image_loader(sim_dir / "simplified"),
         studies_dir=run_dir / "studies",
         task=task,
         setting=setting,

@@ -1,11 +1,13 @@
-"""Ingest on a folder of good and bad files: reasons, cache, resume, interruption, load_cohort."""
+"""Ingest on a folder of good and bad files: reasons, store, resume, interruption, kills, load_cohort."""
 
 from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -20,10 +22,11 @@ from pipeline.data.ingest import (
     IngestConfig,
     StatusWriter,
     StudyResult,
-    cache_path,
     ingest,
     load_cohort,
+    open_store,
     read_status,
+    store_path,
 )
 from pipeline.data.manifest import MANIFEST_COLUMNS
 from pipeline.data.pseudonym import patient_pseudonym, study_pseudonym
@@ -89,7 +92,13 @@ def sid(name: str) -> str:
     return study_pseudonym(name)
 
 
-def test_ingest_caches_good_files_and_explains_bad_ones(cohort_folder, tmp_path):
+def stored(out: Path, study_id: str) -> np.ndarray:
+    """The ``(H, W)`` image in a study's store slot."""
+    store = open_store(out)
+    return store.read([store.slot(study_id)])[0]
+
+
+def test_ingest_stores_good_files_and_explains_bad_ones(cohort_folder, tmp_path):
     out = tmp_path / "ingest"
     summary = ingest(config_for(cohort_folder, out))
     assert (summary.total, summary.ok, summary.error, summary.processed) == (9, 3, 6, 9)
@@ -100,11 +109,12 @@ def test_ingest_caches_good_files_and_explains_bad_ones(cohort_folder, tmp_path)
         if expected_status == "error":
             assert row.reason.startswith(f"{name}: ") and phrase in row.reason, row.reason
             assert str(cohort_folder) not in row.reason  # only the file name, never the folder
-            assert not cache_path(out, sid(name)).exists()
+            assert not stored(out, sid(name)).any()  # its slot exists but was never written
         else:
-            cached = np.load(cache_path(out, sid(name)))
-            assert cached.dtype == np.uint8 and cached.shape == (SIZE, SIZE)
-            assert cached.min() == 0 and cached.max() == 255
+            image = stored(out, sid(name))
+            assert image.dtype == np.uint8 and image.shape == (SIZE, SIZE)
+            assert image.min() == 0 and image.max() == 255
+    assert open_store(out).study_ids == [sid(name) for name in EXPECTED]  # one slot per manifest row
     written = pd.read_csv(out / "manifest.csv", dtype=str, keep_default_na=False)
     assert list(written.columns) == list(MANIFEST_COLUMNS)
     assert set(written.study_id) == {sid("good-dx.dcm"), sid("good-cr-mono1.dcm"), sid("good-rgba.png")}
@@ -112,11 +122,11 @@ def test_ingest_caches_good_files_and_explains_bad_ones(cohort_folder, tmp_path)
     assert (out / "config.resolved.yaml").is_file()
 
 
-def test_monochrome1_is_cached_inverted(cohort_folder, tmp_path):
+def test_monochrome1_is_stored_inverted(cohort_folder, tmp_path):
     out = tmp_path / "ingest"
     ingest(config_for(cohort_folder, out))
-    mono2 = np.load(cache_path(out, sid("good-dx.dcm"))).astype(int)
-    mono1 = np.load(cache_path(out, sid("good-cr-mono1.dcm"))).astype(int)
+    mono2 = stored(out, sid("good-dx.dcm")).astype(int)
+    mono1 = stored(out, sid("good-cr-mono1.dcm")).astype(int)
     content = slice(6, 26)  # 40x56 padded to 56x56: content rows 8..48 -> 32 px rows ~4.6..27.4
     assert np.abs(mono1[content] - (255 - mono2[content])).max() <= 1
 
@@ -130,8 +140,25 @@ def test_second_run_skips_finished_and_retry_redoes_errors(cohort_folder, tmp_pa
     assert (out / "status.csv").read_text().splitlines() == lines
     retried = ingest(config_for(cohort_folder, out, retry_errors=True))
     assert (retried.processed, retried.ok, retried.error) == (6, 3, 6)
-    cache_path(out, sid("good-dx.dcm")).unlink()  # a lost cache file is redone
-    assert ingest(config_for(cohort_folder, out)).processed == 1
+    before = stored(out, sid("good-dx.dcm"))
+    shutil.rmtree(store_path(out))  # a lost store is redone, not read back as blank slots
+    redone = ingest(config_for(cohort_folder, out))
+    assert (redone.processed, redone.ok, redone.error) == (9, 3, 6)
+    assert (out / "status.orphaned.csv").is_file() and len(read_status(out / "status.csv")) == 9
+    np.testing.assert_array_equal(stored(out, sid("good-dx.dcm")), before)
+
+
+def test_new_manifest_rows_extend_the_store(cohort_folder, tmp_path):
+    out = tmp_path / "ingest"
+    full = pd.read_csv(cohort_folder / "manifest.csv", dtype=str, keep_default_na=False)
+    full.iloc[:4].to_csv(cohort_folder / "first.csv", index=False)
+    ingest(IngestConfig(manifest=str(cohort_folder / "first.csv"), out=str(out), size=SIZE))
+    first_ids = open_store(out).study_ids
+    kept = stored(out, sid("good-dx.dcm"))
+    summary = ingest(config_for(cohort_folder, out))
+    assert (summary.processed, summary.skipped, summary.ok) == (5, 4, 3)
+    assert open_store(out).study_ids[:4] == first_ids  # old slots keep their place
+    np.testing.assert_array_equal(stored(out, sid("good-dx.dcm")), kept)
 
 
 def test_resuming_with_other_pixel_settings_is_refused(cohort_folder, tmp_path):
@@ -181,14 +208,13 @@ def test_status_table_survives_a_torn_line(tmp_path):
     assert status.reason.tolist() == ["", "x.dcm: empty file"]
 
 
-def test_worker_pool_gives_the_same_cache(cohort_folder, tmp_path):
+def test_worker_pool_gives_the_same_pixels(cohort_folder, tmp_path):
     serial, pooled = tmp_path / "serial", tmp_path / "pooled"
     ingest(config_for(cohort_folder, serial))
     summary = ingest(config_for(cohort_folder, pooled, workers=2))
     assert (summary.ok, summary.error) == (3, 6)
     for name in ("good-dx.dcm", "good-cr-mono1.dcm", "good-rgba.png"):
-        np.testing.assert_array_equal(np.load(cache_path(serial, sid(name))),
-                                      np.load(cache_path(pooled, sid(name))))
+        np.testing.assert_array_equal(stored(serial, sid(name)), stored(pooled, sid(name)))
 
     def outcome(folder):
         table = read_status(folder / "status.csv").sort_values("study_id")
@@ -205,10 +231,10 @@ def test_load_cohort(cohort_folder, tmp_path):
     expected_ids = [sid("good-dx.dcm"), sid("good-cr-mono1.dcm"), sid("good-rgba.png")]
     assert cohort.study_ids == cohort.frame.study_id.tolist() == expected_ids
     for i, study in enumerate(cohort.study_ids):
-        np.testing.assert_array_equal(cohort.images[i, 0].numpy(), np.load(cache_path(out, study)))
+        np.testing.assert_array_equal(cohort.images[i][0].numpy(), stored(out, study))
     floats = cohort.float()
     assert floats.dtype == torch.float32 and floats.min() >= 0 and floats.max() == 1
-    torch.testing.assert_close(floats * 255, cohort.images.float())
+    torch.testing.assert_close(floats * 255, cohort.images.load().float())
     assert cohort.labels("effusion").tolist() == [1, 0, 1]
     with pytest.raises(ValueError, match="no sex label"):
         cohort.labels("sex")  # the PNG has no sex
@@ -226,9 +252,93 @@ def test_cli_ingest(cohort_folder, tmp_path):
     out = tmp_path / "cli"
     assert main(["ingest", "--manifest", str(cohort_folder / "manifest.csv"), "--out", str(out),
                  "--size", "48", "--set", "voi=none"]) == 0
-    assert np.load(cache_path(out, sid("good-dx.dcm"))).shape == (48, 48)
+    assert stored(out, sid("good-dx.dcm")).shape == (48, 48)
     resolved = (out / "config.resolved.yaml").read_text()
     assert "size: 48" in resolved and "voi: none" in resolved
+
+
+def child_pids(pid: int) -> set[int]:
+    """Live processes whose parent is ``pid`` (from /proc; psutil is not a dependency)."""
+    children = set()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            fields = process_stat(int(entry.name))
+            if fields and int(fields[1]) == pid and fields[0] != "Z":
+                children.add(int(entry.name))
+    return children
+
+
+def process_stat(pid: int) -> list[str] | None:
+    """``[state, ppid, ...]`` of ``/proc/<pid>/stat``, None once the process is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()  # the command name in (...) may hold spaces
+
+
+def is_running(pid: int) -> bool:
+    fields = process_stat(pid)
+    return fields is not None and fields[0] != "Z"  # a zombie holds no memory and waits to be reaped
+
+
+def wait_for(condition, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.02)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the workers in /proc")
+def test_killed_ingest_takes_its_workers_along_and_resumes(tmp_path, dicom_file):
+    rng = np.random.default_rng(1)
+    sources = 3  # a few distinct images, many studies: a slot written for the wrong study shows
+    for k in range(sources):  # 2048 px: ~25 ms a study, so 120 studies outlast the kill by a second
+        dicom_file(f"in/images/big-{k}.dcm", rng.integers(0, 4096, (2048, 2048), dtype=np.uint16),
+                   bits_stored=12)
+    studies = 120
+    manifest = pd.DataFrame({
+        "study_id": [study_pseudonym(f"big-{i}") for i in range(studies)],
+        "patient_id": [patient_pseudonym(f"big-{i}") for i in range(studies)],
+        "image_path": [f"images/big-{i % sources}.dcm" for i in range(studies)],
+        "view": "PA", "sex": "F", "age": 50, "effusion": "1", "split": "train", "source": "folder",
+    })[list(MANIFEST_COLUMNS)]
+    manifest.to_csv(tmp_path / "in/manifest.csv", index=False)
+    manifest.iloc[:sources].to_csv(tmp_path / "in/reference.csv", index=False)
+    out, log_file = tmp_path / "killed", tmp_path / "killed.log"
+    manifest_file = str(tmp_path / "in/manifest.csv")
+    command = [sys.executable, "-m", "pipeline.cli", "ingest", "--manifest", manifest_file,
+               "--out", str(out), "--size", str(SIZE), "--workers", "2"]
+    with open(log_file, "wb") as log:
+        parent = subprocess.Popen(command, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=log, stderr=log)
+    try:
+        def decoding() -> bool:
+            assert parent.poll() is None, f"ingest ended before the kill: {log_file.read_text()[-2000:]}"
+            return len(child_pids(parent.pid)) >= 2 and len(read_status(out / "status.csv")) >= 2
+
+        wait_for(decoding, 120, "two decode workers with studies done")
+        workers = child_pids(parent.pid)  # the decode workers and any helper process: none may outlive it
+    finally:
+        parent.send_signal(signal.SIGKILL)
+        parent.wait()
+    try:
+        wait_for(lambda: not any(is_running(pid) for pid in workers), 5, f"workers {workers} to exit")
+    finally:
+        for pid in filter(is_running, workers):  # orphans would outlive the test run
+            os.kill(pid, signal.SIGKILL)
+
+    committed = len(read_status(out / "status.csv"))
+    assert 0 < committed < studies, "the kill came too late to interrupt the run"
+    summary = ingest(IngestConfig(manifest=manifest_file, out=str(out), size=SIZE, workers=2))
+    assert (summary.ok, summary.error, summary.skipped) == (studies, 0, committed)
+    reference = tmp_path / "reference"
+    ingest(IngestConfig(manifest=str(tmp_path / "in/reference.csv"), out=str(reference), size=SIZE))
+    expected = open_store(reference).read(np.arange(sources))
+    resumed = open_store(out)
+    np.testing.assert_array_equal(resumed.read(resumed.slots(manifest.study_id.tolist())),
+                                  expected[np.arange(studies) % sources])
 
 
 def test_config_rejects_bad_values(tmp_path):

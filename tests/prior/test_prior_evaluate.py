@@ -38,8 +38,7 @@ def test_simplicity_variants():
 
 def test_bpd_command_writes_a_table_from_an_ingest_folder(tmp_path, model):
     from pipeline.cli import main
-    from pipeline.data.ingest import cache_path
-    from pipeline.data.manifest import write_manifest
+    from pipeline.data.ingest import write_ingest_folder
     from pipeline.prior import save_prior
 
     ids = [f"std-{i:012x}" for i in range(4)]
@@ -48,11 +47,8 @@ def test_bpd_command_writes_a_table_from_an_ingest_folder(tmp_path, model):
         "image_path": [f"{s}.png" for s in ids], "view": "PA", "sex": ["M", "F", "M", "F"], "age": 50.0,
         "effusion": [1, 0, 1, 0], "split": ["train", "train", "val", "test"], "source": "demo",
     })
-    write_manifest(frame, tmp_path / "ingest" / "manifest.csv")
-    rng = np.random.default_rng(0)
-    for sid in ids:
-        cache_path(tmp_path / "ingest", sid).parent.mkdir(parents=True, exist_ok=True)
-        np.save(cache_path(tmp_path / "ingest", sid), rng.integers(0, 256, (32, 32), dtype=np.uint8))
+    images = np.random.default_rng(0).integers(0, 256, (4, 32, 32), dtype=np.uint8)
+    write_ingest_folder(tmp_path / "ingest", frame, images)
     save_prior(model, tmp_path / "tiny")
 
     code = main(["prior", "bpd", "--prior", str(tmp_path / "tiny.safetensors"), "--ingest",

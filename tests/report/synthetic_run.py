@@ -17,6 +17,8 @@ import pandas as pd
 import pytest
 from scipy.ndimage import gaussian_filter
 
+from pipeline.data.ingest import write_ingest_folder
+from pipeline.data.store import write_images
 from pipeline.data.pseudonym import patient_pseudonym, study_pseudonym
 
 SIMPLIFY_NAME = "joint-effusion"
@@ -37,24 +39,22 @@ def synthetic_radiograph(rng: np.random.Generator, size: int, effusion: bool) ->
 
 
 def make_run_folder(root: Path, n_studies: int = 12, size: int = 32, seed: int = 0) -> Path:
-    """``root`` gets ingest/{manifest.csv,cache/} and simplify/joint-effusion/{predictions.csv,simplified/}.
+    """``root`` gets ingest/{manifest.csv,store/} and simplify/joint-effusion/{predictions.csv,simplified/}.
 
     ``predictions.csv`` has the columns ``simplebits apply`` writes (the task's label column ``effusion``
     instead of ``label``, plus ``sex`` and ``bits_saved``); the last study is unlabelled.
     """
     rng = np.random.default_rng(seed)
-    cache = root / "ingest" / "cache"
     sim_dir = root / "simplify" / SIMPLIFY_NAME
-    (sim_dir / "simplified").mkdir(parents=True)
-    cache.mkdir(parents=True)
-    manifest, predictions = [], []
+    sim_dir.mkdir(parents=True)
+    manifest, predictions, originals, simplified_images = [], [], [], []
     for i in range(n_studies):
         sid, pid = study_pseudonym(f"study-{seed}-{i}"), patient_pseudonym(f"patient-{seed}-{i}")
         effusion = i % 2
         original = synthetic_radiograph(rng, size, bool(effusion))
         simplified = (np.round(gaussian_filter(original.astype(float), 1.5) / 32) * 32).clip(0, 255).astype(np.uint8)
-        np.save(cache / f"{sid}.npy", original)
-        np.save(sim_dir / "simplified" / f"{sid}.npy", simplified)
+        originals.append(original)
+        simplified_images.append(simplified)
         split = "test" if i % 3 == 0 else "train"
         manifest.append({"study_id": sid, "patient_id": pid, "image_path": f"/data/p{i}/s{i}.dcm",
                          "view": ["PA", "AP"][i % 2 if i < 6 else (i // 2) % 2], "sex": "FM"[(i // 2) % 2],
@@ -65,7 +65,8 @@ def make_run_folder(root: Path, n_studies: int = 12, size: int = 32, seed: int =
                             "sex": manifest[-1]["sex"], "p_orig": p_orig,
                             "p_simpl": float(np.clip(p_orig + rng.normal(0, 0.1), 0.01, 0.99)),
                             "bpd_orig": bpd_orig, "bpd_simpl": bpd_simpl, "bits_saved": (bpd_orig - bpd_simpl) * size * size})
-    pd.DataFrame(manifest).to_csv(root / "ingest" / "manifest.csv", index=False)
+    write_ingest_folder(root / "ingest", pd.DataFrame(manifest), np.stack(originals))
+    write_images(sim_dir / "simplified", [m["study_id"] for m in manifest], np.stack(simplified_images))
     pd.DataFrame(predictions).to_csv(sim_dir / "predictions.csv", index=False)
     (sim_dir / "metrics.json").write_text(json.dumps({"auroc_simpl": 0.9}))
     return root

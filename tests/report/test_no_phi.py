@@ -18,6 +18,8 @@ from skimage.transform import resize
 from test_review_server import request
 
 from pipeline.cli import main
+from pipeline.data.ingest import write_ingest_folder
+from pipeline.data.store import write_images
 from pipeline.data.pseudonym import patient_pseudonym, study_pseudonym
 from pipeline.io.readers import read_radiograph
 
@@ -49,24 +51,23 @@ def write_dicom(path: Path, name: str, patient_id: str, birth_date: str, effusio
 def build_run_from_dicoms(root: Path) -> tuple[Path, list[str]]:
     """DICOM sources (in folders named after the patient id, as PACS exports often are) -> run folder."""
     run = root / "run"
-    cache, sim = run / "ingest" / "cache", run / "simplify" / SIMPLIFY_NAME
-    (sim / "simplified").mkdir(parents=True)
-    cache.mkdir(parents=True)
-    manifest, predictions, uids = [], [], []
+    sim = run / "simplify" / SIMPLIFY_NAME
+    sim.mkdir(parents=True)
+    manifest, predictions, uids, originals = [], [], [], []
     for i, (name, pid, birth) in enumerate(PATIENTS * 2):
         source = root / "pacs" / pid / f"{name.replace('^', '_')}_{i}.dcm"
         uids.append(write_dicom(source, name, pid, birth, effusion=bool(i % 2), seed=i))
         image, meta = read_radiograph(source)
         sid = study_pseudonym(meta["StudyInstanceUID"])
         cached = (resize(image, (SIZE, SIZE), anti_aliasing=True) * 255).round().astype(np.uint8)
-        np.save(cache / f"{sid}.npy", cached)
-        np.save(sim / "simplified" / f"{sid}.npy", (cached // 64 * 64).astype(np.uint8))
+        originals.append(cached)
         manifest.append({"study_id": sid, "patient_id": patient_pseudonym(pid), "image_path": str(source),
                          "view": meta["ViewPosition"], "sex": meta["PatientSex"], "age": 60 + i,
                          "effusion": i % 2, "split": "test", "source": "folder"})
         predictions.append({"study_id": sid, "split": "test", "label": i % 2, "p_orig": 0.3 + 0.4 * (i % 2),
                             "p_simpl": 0.35 + 0.3 * (i % 2), "bpd_orig": 4.0, "bpd_simpl": 2.0})
-    pd.DataFrame(manifest).to_csv(run / "ingest" / "manifest.csv", index=False)
+    write_ingest_folder(run / "ingest", pd.DataFrame(manifest), np.stack(originals))
+    write_images(sim / "simplified", [m["study_id"] for m in manifest], np.stack(originals) // 64 * 64)
     pd.DataFrame(predictions).to_csv(sim / "predictions.csv", index=False)
     return run, uids
 

@@ -14,7 +14,6 @@ from pipeline.report.study import (
     REPORT_NAME,
     caption_lines,
     difference_overlay,
-    load_uint8_image,
     make_study_report,
     parse_simplify_name,
     render_panel,
@@ -115,11 +114,13 @@ def test_run_folder_reports(run_folder):
 
 
 def test_bad_inputs_name_the_file(tmp_path):
-    np.save(tmp_path / "float.npy", np.zeros((4, 4), np.float32))
-    with pytest.raises(ValueError, match="float.npy"):
-        load_uint8_image(tmp_path / "float.npy")
-    with pytest.raises(FileNotFoundError, match="missing.npy"):
-        load_uint8_image(tmp_path / "missing.npy")
+    from pipeline.data.store import image_loader, write_images
+
+    with pytest.raises(FileNotFoundError, match="not a cohort store"):
+        image_loader(tmp_path / "missing")("std-00000000")
+    write_images(tmp_path / "store", ["std-00000001"], np.zeros((1, 4, 4), np.uint8))
+    with pytest.raises(KeyError, match="std-00000002"):
+        image_loader(tmp_path / "store")("std-00000002")
     assert parse_simplify_name("audit-sex") == ("audit", "sex")
     with pytest.raises(ValueError, match="<setting>-<task>"):
         parse_simplify_name("joint")
