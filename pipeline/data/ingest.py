@@ -177,7 +177,21 @@ IN_FLIGHT_PER_WORKER = 4  # enough queued work that no worker idles while the pa
 def _worker_init(parent_pid: int) -> None:
     # Each worker decodes one image at a time; intra-op threads would only fight over the cores.
     torch.set_num_threads(1)
+    _without_metadata()
     _exit_with_parent(parent_pid)
+
+
+def _without_metadata() -> bool:
+    """Switch MONAI's MetaTensor tracking off; returns the previous setting.
+
+    The chain's output is only pixels (nothing downstream reads the affine or the meta dict), and
+    tracking costs about 1 ms of the ~6 ms CPU per 1024-px study (measured: identical uint8 output).
+    """
+    from monai.data import get_track_meta, set_track_meta
+
+    before = get_track_meta()
+    set_track_meta(False)
+    return before
 
 
 def _exit_with_parent(parent_pid: int) -> None:
@@ -216,8 +230,14 @@ def _run_studies(jobs: Sequence[tuple], workers: int) -> Iterator[StudyResult]:
     """Results in job order; with workers, at most ``IN_FLIGHT_PER_WORKER`` jobs queued per worker
     (``pool.map`` would create a future per study up front: hundreds of MB at MIMIC scale)."""
     if workers == 0:
-        for job in jobs:
-            yield process_study(*job)
+        tracked = _without_metadata()
+        try:
+            for job in jobs:
+                yield process_study(*job)
+        finally:
+            from monai.data import set_track_meta
+
+            set_track_meta(tracked)
         return
     pool = ProcessPoolExecutor(max_workers=workers, mp_context=_pool_context(),
                                initializer=_worker_init, initargs=(os.getpid(),))
