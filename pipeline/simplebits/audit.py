@@ -20,7 +20,10 @@ the task for more than the audited network.
 Two forms:
 
 - **amortized** (:func:`run_audit`): a residual U-Net simplifier trained over the cohort, so that any
-  study simplifies in one forward pass;
+  study simplifies in one forward pass. Its loop is the shared
+  :class:`~pipeline.training.engine.Engine` (sampling with equal steps on every rank, per-sample
+  augmentation, checkpoint/resume, MLflow); evaluation and outputs stream the cohort batch by batch,
+  sharded over torchrun ranks, and the simplified images go into a store (``<out>/simplified/``);
 - **per-study** (:func:`simplify_study`): one study's simplified image optimised directly (logit
   pixels), for deep dives into single decisions such as misclassifications.
 """
@@ -30,56 +33,68 @@ from __future__ import annotations
 import json
 import logging
 import math
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
 import pandas as pd
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
 from pipeline.config import StrictModel, save_resolved_config
+from pipeline.data.dataset import CohortDataset, Images
 from pipeline.data.ingest import Cohort, load_cohort, load_task_splits
-from pipeline.models.bpd import bits_per_dim, quantize_8bit
+from pipeline.data.store import StoredImages
+from pipeline.models.bpd import glow_input_bpd, quantize_8bit, to_glow_input
 from pipeline.models.classifiers import load_classifier
 from pipeline.models.simplifier import Simplifier, create_simplifier, save_simplifier, soft_clamp
 from pipeline.prior import load_prior
 from pipeline.runtime.atomic import atomic_write_npy, atomic_write_text
-from pipeline.runtime.checkpoint import load_checkpoint, save_checkpoint
 from pipeline.runtime.device import autocast, pick_device
-from pipeline.runtime.distributed import all_reduce_mean, init_distributed, shard
-from pipeline.runtime.progress import progress
+from pipeline.runtime.distributed import init_distributed, is_main_process, world_info
 from pipeline.runtime.seeding import seed_everything
 from pipeline.runtime.tracking import Tracker, null_tracker
 from pipeline.simplebits.evaluate import (
+    MappedImages,
     as_float_images,
     classification_summary,
     deterministic_bpd,
 )
-from pipeline.simplebits.joint import SimplifierConfig, apply_gradients, simplify_images
+from pipeline.simplebits.joint import (
+    SimplifierConfig,
+    apply_gradients,
+    evaluation_mode,
+    finished_summary,
+    simplify_batch,
+)
 from pipeline.simplebits.matching import Reference, gate, match_evidence, reference_evidence
 from pipeline.simplebits.outcomes import (
     IndependentConfig,
     OutcomesConfig,
     independent_classifier,
     independent_scores,
+    output_store,
     retrain_config,
     split_outcomes,
     validation_extras,
+    write_images,
+    writes_done,
 )
 from pipeline.training.classifier import (
+    RUN_ID_NAME,
     AugmentConfig,
     TrackingConfig,
     check_task,
-    out_of_time,
+    fitting_batch_size,
     predict_proba,
     random_affine,
+    to_unit_range,
 )
 from pipeline.training.clipping import PercentileClip
+from pipeline.training.engine import Engine, StepContext, score_batches
 from pipeline.training.schedules import cosine_decay
 
 log = logging.getLogger(__name__)
@@ -120,7 +135,11 @@ class AuditTrainConfig(StrictModel):
     weight_decay: float = 5e-5
     clip_percentile: float | None = 80.0  # gradient norm clipped to this percentile of the last 400
     eval_batch_size: int = 128
-    max_minutes: float | None = None  # a safety cap; the schedules follow the planned epochs
+    # opt-in wall-clock cap (recorded as stopped_epoch / time_capped); the schedules follow the planned
+    # epochs, and a capped run's results depend on the machine's load
+    max_minutes: float | None = None
+    checkpoint_every_steps: int | None = None  # also checkpoint mid-epoch (long epochs at MIMIC scale)
+    num_workers: int = 0  # DataLoader processes reading the store
 
 
 def scheduled(train: AuditTrainConfig, lam: float, step: int, total_steps: int) -> tuple[float, float]:
@@ -163,6 +182,8 @@ class AuditResult:
     metrics: dict[str, float]  # validation metrics after the last epoch
     history: list[dict[str, float]] = field(default_factory=list)
     independent: nn.Module | None = None
+    stopped_epoch: int = 0  # epochs trained (fewer than planned only under the opt-in time cap)
+    time_capped: bool = False
 
 
 @dataclass
@@ -189,8 +210,45 @@ def freeze(model: nn.Module) -> nn.Module:
     return model.eval().requires_grad_(False)
 
 
+def frozen_ensemble(classifiers: nn.Module | Sequence[nn.Module], device: torch.device) -> list[nn.Module]:
+    """One frozen model or an ensemble, as a list on ``device``."""
+    models = [classifiers] if isinstance(classifiers, nn.Module) else list(classifiers)
+    models = [freeze(c).to(device) for c in models]
+    if not models:
+        raise ValueError("an audit needs at least one frozen classifier")
+    return models
+
+
 # --------------------------------------------------------------------------------------------------
 # The objective
+
+
+Streams = torch.Generator | Sequence[torch.Generator] | None
+
+
+def sample_streams(ctx: StepContext, positions: torch.Tensor) -> list[torch.Generator]:
+    """One random stream per sample, keyed like :meth:`StepContext.uniform` by (seed, epoch, position).
+
+    A sample's noise then does not depend on the rank or batch that takes it: two ranks and one process
+    with the same global batch compute the same objective, and a resumed run draws what it would have.
+    The seed is two exact 24-bit integers (float32 uniforms are multiples of 2^-24).
+    """
+    keys = (ctx.uniform(positions, 2) * 2**24).long().tolist()
+    return [torch.Generator().manual_seed(high << 24 | low) for high, low in keys]
+
+
+def draw_noise(streams: Streams, like: torch.Tensor, normal: bool) -> torch.Tensor:
+    """Gaussian (``normal``) or uniform noise shaped like ``like`` ``(B, ...)``, on its device.
+
+    ``streams``: one generator for the whole batch (the per-study audit), or one per sample
+    (:func:`sample_streams`); ``None`` draws from the global stream.
+    """
+    draw = torch.randn if normal else torch.rand
+    if streams is None or isinstance(streams, torch.Generator):
+        noise = draw(tuple(like.shape), generator=streams)
+    else:
+        noise = torch.stack([draw(tuple(like.shape[1:]), generator=g) for g in streams])
+    return noise.to(like.device, like.dtype)
 
 
 def references_for(
@@ -208,12 +266,13 @@ def audit_losses(
     prior: nn.Module,
     objective: AuditObjectiveConfig,
     labels: torch.Tensor | None = None,
-    generator: torch.Generator | None = None,
+    streams: Streams = None,
 ) -> dict[str, torch.Tensor]:
     """Every term of the audit objective for a batch of simplified images; ``"total"`` is minimised.
 
     Also returns per-example ``distance``, ``consistent``, ``weights`` and ``bpd`` (the latter 0 where
-    the gate is closed, since bits are not computed there).
+    the gate is closed, since bits are not computed there). ``streams`` (:func:`draw_noise`) give the
+    input noise and the bpd term's uniform dequantisation offsets.
     """
     if objective.gate_on == "correct" and labels is None:
         raise ValueError("gate_on='correct' needs the labels")
@@ -222,8 +281,7 @@ def audit_losses(
     for classifier, reference in zip(classifiers, references):
         x_in = x_simple
         if objective.input_noise > 0:
-            noise = torch.randn(x_simple.shape, generator=generator, device="cpu").to(device)
-            x_in = x_simple + objective.input_noise * noise
+            x_in = x_simple + objective.input_noise * draw_noise(streams, x_simple.detach(), normal=True)
         with autocast(device):
             match = match_evidence(classifier, x_in, reference, objective.distance)
         distances.append(match.distance)
@@ -242,9 +300,12 @@ def audit_losses(
     weights = gate(distance, consistent, objective.tau, objective.gate_margin)
     bpd = x_simple.new_zeros(x_simple.shape[0])
     gated = weights > 0
+    # drawn for every example, so that what each stream yields next never depends on the gate
+    offsets = draw_noise(streams, x_simple.detach().float(), normal=False)
     if objective.lam > 0 and bool(gated.any()):
         # fp32 outside autocast: Glow log-determinants are too delicate for bf16
-        bpd = bpd.index_put((gated.nonzero()[:, 0],), bits_per_dim(prior, x_simple[gated].float(), "uniform"))
+        glow_input = to_glow_input(x_simple[gated].float(), offsets[gated])
+        bpd = bpd.index_put((gated.nonzero()[:, 0],), glow_input_bpd(prior, glow_input))
     loss_bpd = (weights * bpd).sum() / x_simple.shape[0]
     total = (
         objective.match_weight * distance.mean() + objective.kl_weight * kl.mean() + objective.lam * loss_bpd
@@ -295,25 +356,44 @@ def evaluate_audit(
     simplifier: nn.Module,
     classifiers: Sequence[nn.Module],
     prior: nn.Module,
-    images: torch.Tensor,
+    images: Images,
     labels: torch.Tensor,
     config: AuditConfig,
     device: torch.device,
     bpd_orig: torch.Tensor | None = None,
+    simplified_out: StoredImages | None = None,
 ) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
-    """Metrics of the primary (first) classifier on originals vs simplified, bits, evidence distance."""
+    """Metrics of the primary (first) classifier on originals vs simplified, bits, evidence distance.
+
+    One streaming pass, sharded over torchrun ranks (every rank calls; all get the whole result):
+    each batch is simplified and scored, and with ``simplified_out`` (the split's slots of the output
+    store) its simplified images are written there. Returns the metrics and the per-study arrays
+    ``p_orig, p_simpl, bpd_orig, bpd_simpl, distance``; ``bpd_orig`` may be passed in when known.
+    """
     batch_size = config.train.eval_batch_size
-    simplified = simplify_images(simplifier, images, device, batch_size)
-    arrays = {
-        "simplified": simplified,
-        "p_orig": predict_proba(classifiers[0], images, device, batch_size),
-        "p_simpl": predict_proba(classifiers[0], simplified, device, batch_size),
-        "bpd_orig": deterministic_bpd(prior, images, batch_size) if bpd_orig is None else bpd_orig,
-        "bpd_simpl": deterministic_bpd(prior, simplified, batch_size),
-        "distance": evidence_distances(
-            classifiers, images, simplified, config.audit.distance, device, batch_size
-        ),
-    }
+    primary = classifiers[0]
+
+    def score(positions, batch: torch.Tensor) -> dict[str, torch.Tensor]:
+        simplified = simplify_batch(simplifier, batch, device)
+        if simplified_out is not None:
+            write_images(simplified_out, positions, simplified)
+        out = {
+            "p_orig": predict_proba(primary, batch, device, batch_size),
+            "p_simpl": predict_proba(primary, simplified, device, batch_size),
+            "bpd_simpl": deterministic_bpd(prior, simplified, batch_size),
+            "distance": evidence_distances(classifiers, batch, simplified, config.audit.distance, device,
+                                           batch_size),
+        }
+        if bpd_orig is None:
+            out["bpd_orig"] = deterministic_bpd(prior, batch, batch_size)
+        return out
+
+    with evaluation_mode(simplifier):
+        arrays = score_batches(images, score, batch_size, sharded=True)
+    if simplified_out is not None:
+        writes_done(simplified_out)
+    if bpd_orig is not None:
+        arrays["bpd_orig"] = bpd_orig
     metrics = {
         **classification_summary(labels, arrays["p_orig"], arrays["p_simpl"]),
         "bpd_orig": float(arrays["bpd_orig"].mean()),
@@ -324,8 +404,52 @@ def evaluate_audit(
     return metrics, arrays
 
 
+def simplified_view(simplifier: nn.Module, images: Images, device: torch.device) -> MappedImages:
+    """``images`` simplified batch by batch when read (nothing is stored); ``simplifier`` in eval mode."""
+    return MappedImages(images, partial(simplify_batch, simplifier, device=device))
+
+
 # --------------------------------------------------------------------------------------------------
 # Amortized audit
+
+
+def audit_step(
+    simplifier: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    clip: PercentileClip | None,
+    classifiers: Sequence[nn.Module],
+    prior: nn.Module,
+    config: AuditConfig,
+    device: torch.device,
+):
+    """The engine step: one simplifier update on the audit objective of a batch."""
+    params = list(simplifier.parameters())
+
+    def step(batch: list[torch.Tensor], ctx: StepContext) -> dict[str, float]:
+        images, labels, positions = batch
+        lr, lam = scheduled(config.train, config.audit.lam, ctx.global_step, ctx.total_steps)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        x = to_unit_range(images.to(device))
+        if config.augment.enabled:
+            # keyed by sample: the same augmented images under any number of ranks
+            x = random_affine(x, config.augment, uniforms=ctx.uniform(positions, 4))
+        references = references_for(classifiers, x, device)
+        losses = audit_losses(simplifier(x), references, classifiers, prior,
+                              config.audit.model_copy(update={"lam": lam}), labels.to(device),
+                              sample_streams(ctx, positions))
+        grads = torch.autograd.grad(losses["total"], params, allow_unused=True)
+        # all-reduces the gradients: safe because the engine gives every rank the same number of steps
+        stepped = apply_gradients(params, list(grads), optimizer, clip)
+        return {
+            "match": float(losses["match"].detach()),
+            "kl": float(losses["kl"].detach()),
+            "bpd_loss": float(losses["bpd"].detach()),
+            "gate": float(losses["gate"]),
+            "skipped": 0.0 if stepped else 1.0,
+        }
+
+    return step
 
 
 def run_audit(
@@ -341,19 +465,15 @@ def run_audit(
     """Train an amortized simplifier that keeps the frozen ``classifiers``' evidence while bits fall.
 
     ``classifiers``: one frozen model or an ensemble (the first is the one whose AUROC is reported).
-    ``independent``: a check classifier; ``None`` builds one from ``config.independent``.
+    ``independent``: a check classifier; ``None`` builds one from ``config.independent``. Under
+    torchrun every rank calls this (data-parallel training, sharded evaluation, the independent
+    classifier trained on all ranks). With ``checkpoint_path`` an existing checkpoint is resumed.
     """
     task = check_task(config.task)
     tracker = tracker or null_tracker()
     device = pick_device(config.device)
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    world = dist.get_world_size() if dist.is_initialized() else 1
-    classifiers = [
-        freeze(c).to(device) for c in ([classifiers] if isinstance(classifiers, nn.Module) else classifiers)
-    ]
-    if not classifiers:
-        raise ValueError("run_audit needs at least one frozen classifier")
-    seed_everything(config.seed)
+    classifiers = frozen_ensemble(classifiers, device)
+    seed_everything(config.seed)  # the same initial simplifier on every rank
     prior = prior.to(device).eval().requires_grad_(False)
     simplifier = create_simplifier(**config.simplifier.model_dump()).to(device)
     optimizer = torch.optim.Adam(
@@ -363,124 +483,45 @@ def run_audit(
         weight_decay=config.train.weight_decay,
     )
     clip = PercentileClip(config.train.clip_percentile) if config.train.clip_percentile is not None else None
-    start_epoch, history = 0, []
-    if checkpoint_path is not None and Path(checkpoint_path).is_file():
-        state = load_checkpoint(
-            checkpoint_path,
-            models={"simplifier": simplifier},
-            optimizers={"simplifier": optimizer},
-            map_location=device,
-        )
-        start_epoch, history = state["step"], list(state["extra"]["history"])
-        if clip is not None:
-            clip.load_state_dict(state["extra"]["clip"])
-        log.info("resumed audit from %s at epoch %d", checkpoint_path, start_epoch)
-
-    train_images, train_labels = cohort_train.images, cohort_train.labels(task)
+    engine = Engine(
+        "audit", epochs=config.train.epochs, seed=config.seed, device=device,
+        models={"simplifier": simplifier}, optimizers={"simplifier": optimizer},
+        state={"clip": clip} if clip is not None else {}, checkpoint_path=checkpoint_path, tracker=tracker,
+        max_minutes=config.train.max_minutes, checkpoint_every_steps=config.train.checkpoint_every_steps,
+        num_workers=config.train.num_workers,
+    )
+    eval_batch_size = config.train.eval_batch_size
     val_labels = cohort_val.labels(task)
-    val_bpd_orig = deterministic_bpd(prior, cohort_val.images, config.train.eval_batch_size)
-    params = list(simplifier.parameters())
-    started = time.monotonic()
-    metrics: dict[str, float] = {}
-    for epoch in range(start_epoch, config.train.epochs):
-        order = torch.randperm(
-            len(train_labels), generator=torch.Generator().manual_seed(config.seed + epoch)
-        )
-        batches = list(order.split(config.train.batch_size))
-        if len(batches) > 1 and len(batches[-1]) < config.train.batch_size:
-            batches = batches[:-1]
-        batches = shard(batches, rank, world)
-        total_steps = config.train.epochs * len(batches)
-        # one stream per epoch (augmentation, input noise), so a resumed run replays the same randomness
-        generator = torch.Generator().manual_seed(config.seed + 1000 * (epoch + 1))
-        simplifier.train()
-        sums = {"match": 0.0, "kl": 0.0, "bpd_loss": 0.0, "gate": 0.0, "skipped": 0.0}
-        for batch_number, index in enumerate(progress(
-            batches,
-            desc=f"audit lam={config.audit.lam:g} epoch {epoch + 1}/{config.train.epochs}",
-            leave=False,
-        )):
-            lr, lam = scheduled(config.train, config.audit.lam, epoch * len(batches) + batch_number, total_steps)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            objective = config.audit.model_copy(update={"lam": lam})
-            x = as_float_images(train_images[index]).to(device)
-            if config.augment.enabled:
-                x = random_affine(x, config.augment, generator)
-            references = references_for(classifiers, x, device)
-            losses = audit_losses(
-                simplifier(x),
-                references,
-                classifiers,
-                prior,
-                objective,
-                train_labels[index].to(device),
-                generator,
-            )
-            grads = torch.autograd.grad(losses["total"], params, allow_unused=True)
-            if not apply_gradients(params, list(grads), optimizer, clip):
-                sums["skipped"] += 1.0
-            sums["match"] += float(losses["match"].detach())
-            sums["kl"] += float(losses["kl"].detach())
-            sums["bpd_loss"] += float(losses["bpd"].detach())
-            sums["gate"] += float(losses["gate"])
-        n_batches = max(1, len(batches))
-        train_metrics = {
-            f"train_{k}": float(all_reduce_mean(torch.tensor(v / n_batches, device=device)))
-            for k, v in sums.items()
-        }
-        val_metrics, _ = evaluate_audit(
-            simplifier,
-            classifiers,
-            prior,
-            cohort_val.images,
-            val_labels,
-            config,
-            device,
-            bpd_orig=val_bpd_orig,
-        )
-        metrics = {**train_metrics, **{f"val_{k}": v for k, v in val_metrics.items()}}
-        history.append({"epoch": epoch + 1, **metrics})
-        tracker.log_metrics(metrics, step=epoch + 1)
-        log.info(
-            "audit epoch %d: val AUROC orig %.3f simplified %.3f, bpd orig %.3f simplified %.3f, "
-            "distance %.3f",
-            epoch + 1,
-            metrics["val_auroc_orig"],
-            metrics["val_auroc_simpl"],
-            metrics["val_bpd_orig"],
-            metrics["val_bpd_simpl"],
-            metrics["val_evidence_distance"],
-        )
-        if checkpoint_path is not None and rank == 0:
-            save_checkpoint(
-                checkpoint_path,
-                models={"simplifier": simplifier},
-                optimizers={"simplifier": optimizer},
-                step=epoch + 1,
-                extra={"history": history, "clip": clip.state_dict() if clip is not None else None},
-            )
-        if out_of_time(started, config.train.max_minutes):
-            log.info("time budget of %.1f min reached after epoch %d", config.train.max_minutes, epoch + 1)
-            break
-    if not metrics and history:
-        metrics = {k: v for k, v in history[-1].items() if k != "epoch"}
+    # the originals' bits do not change while the simplifier trains: computed once
+    val_bpd_orig = deterministic_bpd(prior, cohort_val.images, eval_batch_size, sharded=True)
 
+    def evaluate(epoch: int) -> dict[str, float]:
+        metrics, _ = evaluate_audit(simplifier, classifiers, prior, cohort_val.images, val_labels, config,
+                                    device, bpd_orig=val_bpd_orig)
+        return {f"val_{k}": v for k, v in metrics.items()}
+
+    train_labels = cohort_train.labels(task)
+    run = engine.fit(
+        audit_step(simplifier, optimizer, clip, classifiers, prior, config, device),
+        dataset=CohortDataset(cohort_train.images, train_labels),
+        batch_size=fitting_batch_size(config.train.batch_size, len(train_labels), world_info()[1]),
+        evaluate=evaluate,
+    )
+    metrics = run.last
     simplifier.eval()
     if independent is None:
         independent = independent_classifier(
             cohort_train, cohort_val, task, config.independent, config.augment, device
         )
     if independent is not None:
-        batch_size = config.train.eval_batch_size
-        simplified = simplify_images(simplifier, cohort_val.images, device, batch_size)
-        metrics.update(
-            independent_scores(independent, cohort_val.images, simplified, val_labels, device, batch_size)
-        )
+        simplified = simplified_view(simplifier, cohort_val.images, device)
+        metrics.update(independent_scores(independent, cohort_val.images, simplified, val_labels, device,
+                                          eval_batch_size))
         tracker.log_metrics(
             {k: v for k, v in metrics.items() if k.startswith("independent_") and math.isfinite(v)}
         )
-    return AuditResult(simplifier=simplifier, metrics=metrics, history=history, independent=independent)
+    return AuditResult(simplifier=simplifier, metrics=metrics, history=run.history, independent=independent,
+                       stopped_epoch=run.stopped_epoch, time_capped=run.time_capped)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -509,9 +550,7 @@ def simplify_study(
     never opened, the final iterate.
     """
     device = pick_device(config.device)
-    classifiers = [
-        freeze(c).to(device) for c in ([classifiers] if isinstance(classifiers, nn.Module) else classifiers)
-    ]
+    classifiers = frozen_ensemble(classifiers, device)
     prior = prior.to(device).eval().requires_grad_(False)
     x = as_float_images(image)
     x = x.view(1, 1, *x.shape[-2:]).to(device)
@@ -574,30 +613,38 @@ def save_audit_outputs(
     config: AuditConfig,
     mask_dir: str | Path | None = None,
 ) -> dict[str, Any]:
-    """``simplifier.safetensors``, ``predictions.csv``, ``simplified/<study>.npy``, ``metrics.json``.
+    """``simplifier.safetensors``, ``predictions.csv``, the ``simplified/`` store, ``metrics.json``.
 
     ``cohorts``: ``train`` (for retraining) plus the splits to report (usually ``val`` and ``test``).
     The validation split also gets ``baselines.csv`` (matched bpd) and, with ``mask_dir`` (the demo
-    cohort's ``masks/``), distractor and sign retention plus the shortcut flag.
+    cohort's ``masks/``), distractor and sign retention plus the shortcut flag. Under torchrun every
+    rank calls this: each scores its share of every split and writes its simplified images into the
+    store (a cohort store, one slot per reported study); rank 0 writes the other files. Every rank
+    returns the summary.
     """
     out_dir = Path(out_dir)
     device = pick_device(config.device)
     task, ev, batch_size = config.task, config.evaluate, config.train.eval_batch_size
-    frames, summary = (
-        [],
-        {
-            "task": task,
-            "lam": config.audit.lam,
-            "setting": "audit",
-            **{k: v for k, v in result.metrics.items() if k.startswith("independent_")},
-        },
-    )
-    for split, cohort in cohorts.items():
-        if split == "train" or len(cohort) == 0:
-            continue
+    main = is_main_process()
+    scorer = partial(predict_proba, device=device, batch_size=batch_size, sharded=True)
+    reported = {split: c for split, c in cohorts.items() if split != "train" and len(c)}
+    size = next(iter(cohorts.values())).image_size
+    store = output_store(out_dir / "simplified", [s for c in reported.values() for s in c.study_ids], size)
+    summary: dict[str, Any] = {
+        "task": task,
+        "lam": config.audit.lam,
+        "setting": "audit",
+        "stopped_epoch": result.stopped_epoch,
+        "time_capped": result.time_capped,
+        **{k: v for k, v in result.metrics.items() if k.startswith("independent_")},
+    }
+    frames = []
+    for split, cohort in reported.items():
         labels = cohort.labels(task)
+        simplified = StoredImages(store, store.slots(cohort.study_ids))
         metrics, arrays = evaluate_audit(
-            result.simplifier, classifiers, prior, cohort.images, labels, config, device
+            result.simplifier, classifiers, prior, cohort.images, labels, config, device,
+            simplified_out=simplified,
         )
         frame = pd.DataFrame(
             {
@@ -611,9 +658,8 @@ def save_audit_outputs(
                 "evidence_distance": arrays["distance"].numpy(),
             }
         )
-        found, frame = split_outcomes(
-            cohort, frame, arrays["simplified"], prior, mask_dir, ev.shortcut_alpha, batch_size
-        )
+        found, frame = split_outcomes(cohort, frame, simplified, prior, mask_dir, ev.shortcut_alpha,
+                                      batch_size)
         metrics.update(found)
         if split == "val" and "train" in cohorts:
             extras, table = validation_extras(
@@ -621,40 +667,40 @@ def save_audit_outputs(
                 cohorts["train"],
                 cohort,
                 task,
-                lambda: simplify_images(result.simplifier, cohorts["train"].images, device, batch_size),
-                arrays["simplified"],
+                partial(simplify_batch, result.simplifier.eval(), device=device),
+                simplified,
                 frame,
                 prior,
-                lambda images: predict_proba(classifiers[0], images, device, batch_size),
+                partial(scorer, classifiers[0]),
                 ev,
                 retrain_config(task, config.seed, config.device, ev, config.augment),
-                independent=None
-                if result.independent is None
-                else lambda images: predict_proba(result.independent, images, device, batch_size),
+                independent=None if result.independent is None else partial(scorer, result.independent),
                 mask_dir=mask_dir,
+                scratch_dir=out_dir / "simplified_train",
+                batch_size=batch_size,
+                seed=config.seed,
             )
             metrics.update(extras)
-            if len(table):
+            if main and len(table):
                 atomic_write_text(out_dir / "baselines.csv", table.to_csv(index=False))
         summary.update({f"{split}_{k}": v for k, v in metrics.items()})
         frames.append(frame)
-        for study_id, image in zip(cohort.study_ids, arrays["simplified"][:, 0].numpy()):
-            atomic_write_npy(out_dir / "simplified" / f"{study_id}.npy", image)
-    size = list(next(iter(cohorts.values())).images.shape[-2:])
-    save_simplifier(
-        result.simplifier,
-        out_dir / "simplifier.safetensors",
-        task=task,
-        lam=config.audit.lam,
-        input_size=size,
-        setting="audit",
-        classifiers=[c.path for c in config.classifiers],
-    )
-    predictions = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
-    atomic_write_text(out_dir / "predictions.csv", predictions.to_csv(index=False))
-    atomic_write_text(
-        out_dir / "metrics.json", json.dumps({**summary, "history": result.history}, indent=2, default=float)
-    )
+    if main:
+        save_simplifier(
+            result.simplifier,
+            out_dir / "simplifier.safetensors",
+            task=task,
+            lam=config.audit.lam,
+            input_size=size,
+            setting="audit",
+            classifiers=[c.path for c in config.classifiers],
+        )
+        predictions = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+        atomic_write_text(out_dir / "predictions.csv", predictions.to_csv(index=False))
+        atomic_write_text(
+            out_dir / "metrics.json",
+            json.dumps({**summary, "history": result.history}, indent=2, default=float),
+        )
     return summary
 
 
@@ -665,14 +711,17 @@ def audit_command(
     force: bool = False,
     mask_dir: str | Path | None = None,
 ) -> dict[str, Any]:
-    """``simplebits simplify audit`` (amortized): cohort + frozen classifier(s) -> simplifier and outputs."""
+    """``simplebits simplify audit`` (amortized): cohort + frozen classifier(s) -> simplifier and outputs.
+
+    Under torchrun every rank runs all of it (training, evaluation, output scoring); rank 0 writes
+    the files and logs to MLflow. A killed run resumes its checkpoint and its MLflow run.
+    """
     task = check_task(config.task)
     out_dir = Path(out_dir)
-    metrics_path = out_dir / "metrics.json"
-    if metrics_path.is_file() and not force:
-        log.info("%s exists; audit already done (use --force to redo)", metrics_path)
-        return json.loads(metrics_path.read_text())
     context = init_distributed(config.device)
+    finished = finished_summary(out_dir / "metrics.json", force)  # rank 0 decides for all
+    if finished is not None:
+        return finished
     cohorts = load_task_splits(ingest_dir, task)
     prior = load_prior(config.prior, device=context.device)
     classifiers = load_frozen_classifiers(config.classifiers, context.device)
@@ -680,11 +729,11 @@ def audit_command(
     if context.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         save_resolved_config(config, out_dir)
-    summary: dict[str, Any] = {}
     with tracker.run(
         f"simplify-audit-{task}",
         params=config.model_dump(mode="json"),
         tags={"task": task, "setting": "audit"},
+        resume_file=out_dir / RUN_ID_NAME,
     ):
         result = run_audit(
             cohorts["train"],
@@ -695,8 +744,8 @@ def audit_command(
             tracker,
             checkpoint_path=out_dir / CHECKPOINT_NAME,
         )
+        summary = save_audit_outputs(result, classifiers, prior, cohorts, out_dir, config, mask_dir)
         if context.is_main:
-            summary = save_audit_outputs(result, classifiers, prior, cohorts, out_dir, config, mask_dir)
             tracker.log_metrics(
                 {f"final_{k}": v for k, v in summary.items() if isinstance(v, float) and math.isfinite(v)}
             )
@@ -712,7 +761,10 @@ def audit_study_command(
 ) -> dict[str, Any]:
     """``simplebits simplify audit --per-study STUDY``: one study by direct optimisation.
 
-    Writes ``per_study/<study>.json`` (metrics and the optimisation trace) and ``simplified/<study>.npy``.
+    Reads only that study's slot of the ingest store (the cohort is lazy: its manifest rows give the
+    label). Writes ``per_study/<study>.json`` (metrics and the optimisation trace) and
+    ``per_study/<study>.npy`` (the simplified image, uint8 HxW; the amortized run's ``simplified/``
+    is a store with one slot per reported study).
     """
     task = check_task(config.task)
     cohort = load_cohort(ingest_dir, task=task)
@@ -725,9 +777,9 @@ def audit_study_command(
     prior = load_prior(config.prior, device=device)
     classifiers = load_frozen_classifiers(config.classifiers, device)
     label = int(cohort.labels(task)[index])
-    result = simplify_study(cohort.images[index], classifiers, prior, config, label=label)
+    result = simplify_study(cohort.images[[index]], classifiers, prior, config, label=label)
     out_dir = Path(out_dir)
-    atomic_write_npy(out_dir / "simplified" / f"{study_id}.npy", result.simplified[0, 0].numpy())
+    atomic_write_npy(out_dir / "per_study" / f"{study_id}.npy", result.simplified[0, 0].numpy())
     record = {
         "study_id": study_id,
         "task": task,

@@ -4,21 +4,24 @@ Each baseline has one strength knob whose increase throws away more detail (blur
 pixels, JPEG ``100 - quality``, downsampling ``factor``). :func:`match_bpd` finds the strength whose
 outputs have a given mean bpd under the prior (deterministic, midpoint dequantisation) by bisection,
 so every method is compared with SimpleBits at the same code length, as in the paper's rebuttal.
-All outputs are back on the 8-bit grid.
+All outputs are back on the 8-bit grid. :func:`baseline_images` is the lazy form over a whole split:
+it degrades each batch when it is read, so nothing degraded is ever held for the whole split.
 """
 
 from __future__ import annotations
 
 import io
 import logging
+from functools import partial
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipeline.data.dataset import Images
 from pipeline.models.simplifier import gaussian_blur_2d
-from pipeline.simplebits.evaluate import as_float_images, deterministic_bpd
+from pipeline.simplebits.evaluate import MappedImages, as_float_images, deterministic_bpd
 
 log = logging.getLogger(__name__)
 
@@ -86,30 +89,40 @@ def apply_baseline(images: torch.Tensor, kind: str, strength: float) -> torch.Te
     raise ValueError(f"baseline kind must be one of {KINDS}, got {kind!r}")
 
 
+def baseline_images(images: Images | torch.Tensor, kind: str, strength: float) -> MappedImages:
+    """``images`` with ``kind`` at ``strength`` applied batch by batch when read (uint8, lazy)."""
+    strength_range(kind, 1)  # refuse an unknown kind now rather than at the first read
+    return MappedImages(images, partial(apply_baseline, kind=kind, strength=strength))
+
+
 def match_bpd(
-    images: torch.Tensor,
+    images: Images | torch.Tensor,
     target_bpd: float,
     kind: str,
     prior: nn.Module,
     tol: float = 0.02,
     max_iter: int = 24,
     batch_size: int = 128,
-) -> tuple[torch.Tensor, float, float]:
+    sharded: bool = False,
+) -> tuple[MappedImages, float, float]:
     """Bisection on the strength so that the mean deterministic bpd of the outputs is ``target_bpd``.
 
-    Returns ``(images_out, strength, achieved_bpd)``. Stops within ``tol`` bits of the target or when
-    the strength interval can no longer change the output (JPEG quality and downsampling sizes are
-    integers); then the end of the final interval nearer the target is returned. A target at or above
-    the weakest setting's bpd gives the weakest (the identity, except for JPEG). A target below the
-    strongest setting's bpd cannot be reached: then whichever end is nearer the target is returned,
-    with a warning (JPEG can even *add* bits: block artefacts are expensive under a smooth prior).
+    Returns ``(images_out, strength, achieved_bpd)``; ``images_out`` is the lazy uint8 view
+    (:func:`baseline_images`) at the strength returned. Every bpd pass streams ``images`` batch by
+    batch (``sharded``: over torchrun ranks, all of which must call). Stops within ``tol`` bits of the
+    target or when the strength interval can no longer change the output (JPEG quality and
+    downsampling sizes are integers); then the end of the final interval nearer the target is
+    returned. A target at or above the weakest setting's bpd gives the weakest (the identity, except
+    for JPEG). A target below the strongest setting's bpd cannot be reached: then whichever end is
+    nearer the target is returned, with a warning (JPEG can even *add* bits: block artefacts are
+    expensive under a smooth prior).
     """
     size = int(images.shape[-1])
     low, high = strength_range(kind, size)
 
-    def evaluate(strength: float) -> tuple[torch.Tensor, float]:
-        out = apply_baseline(images, kind, strength)
-        return out, float(deterministic_bpd(prior, out, batch_size).mean())
+    def evaluate(strength: float) -> tuple[MappedImages, float]:
+        out = baseline_images(images, kind, strength)
+        return out, float(deterministic_bpd(prior, out, batch_size, sharded=sharded).mean())
 
     out_low, bpd_low = evaluate(low)
     if bpd_low <= target_bpd + tol:

@@ -1,17 +1,22 @@
 """Evaluations shared by every SimpleBits run on the validation split.
 
-All core functions take arrays and return plain dicts or DataFrames; no file or MLflow I/O happens
-here except in :func:`load_masks`, which reads the demo cohort's ground-truth masks.
+Core functions take arrays and return plain dicts or DataFrames; no file or MLflow I/O happens here
+except in :func:`load_masks`, which reads the demo cohort's ground-truth masks. Whole splits are
+never held in memory: functions over a split take lazy images (a cohort's ``StoredImages``, or a
+:class:`MappedImages` view that transforms them batch by batch) and stream them; with
+``sharded=True`` each torchrun rank scores its share and every rank gets the whole result (every
+rank must then call).
 
 - :func:`classification_summary`: AUROC and accuracy on originals and simplified images.
 - :func:`bits_summary`: mean bpd, bits saved per study (``bpd x D``), and the fraction of the
   attainable saving ``(orig - simplified) / (orig - flat grey)``.
 - :func:`retrain_on_simplified`: a fresh classifier trained on simplified train images, tested on
   simplified and original validation images.
-- :func:`baselines_at_matched_bpd`: blur / JPEG / downsampling at the simplified images' mean bpd.
+- :func:`baselines_at_matched_bpd`: blur / JPEG / downsampling at the simplified images' mean bpd
+  (strength found on a fixed subsample, then applied to the whole split batch by batch).
 - :func:`distractor_retention`, :func:`sign_retention`, :func:`sign_preference`,
-  :func:`mask_retention_table`, :func:`distractor_pull`: what happens to the ground-truth distractor
-  and effusion sign.
+  :func:`mask_retention_table`, :func:`retention_table`, :func:`distractor_pull`: what happens to the
+  ground-truth distractor and effusion sign.
 """
 
 from __future__ import annotations
@@ -27,8 +32,10 @@ import torch
 from scipy import ndimage
 from torch import nn
 
+from pipeline.data.dataset import Images
 from pipeline.metrics import accuracy, auroc
 from pipeline.models.bpd import bits_per_dim
+from pipeline.training.engine import score_batches
 
 if TYPE_CHECKING:  # the training stack is imported only where retraining runs
     from pipeline.training.classifier import ClassifyConfig
@@ -40,6 +47,53 @@ def as_float_images(images: torch.Tensor | np.ndarray) -> torch.Tensor:
     """uint8 ``k`` -> ``k/255``; float stays float; always a float32 tensor."""
     images = torch.as_tensor(images)
     return images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
+
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """Images on the 8-bit grid (float ``k/255`` or uint8) as uint8 ``k``."""
+    if images.dtype == torch.uint8:
+        return images
+    return torch.round(images.float().clamp(0.0, 1.0) * 255.0).to(torch.uint8)
+
+
+class MappedImages:
+    """A lazy view of ``images`` with ``transform`` (uint8 batch -> uint8 batch) applied on indexing.
+
+    Indexes like :class:`~pipeline.data.store.StoredImages` (``len``, ``shape``, ``[i]``, ``[a:b]``,
+    ``[index array or tensor]``), so scoring, retention and training stream through it batch by batch
+    while no transformed split exists anywhere. ``transform`` must keep the shape and treat images
+    independently (a batch's result may not depend on which images share it). It is pickled with the
+    view (DataLoader workers), so give a module-level function or a ``functools.partial`` of one.
+    """
+
+    dtype = torch.uint8
+
+    def __init__(self, images: Images, transform: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        self.images = images
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size(self.images.shape)
+
+    def size(self, dim: int | None = None):
+        return self.shape if dim is None else self.shape[dim]
+
+    def __getitem__(self, key) -> torch.Tensor:
+        if isinstance(key, (int, np.integer)):
+            return self[[int(key)]][0]
+        return to_uint8(self.transform(self.images[key]))
+
+    def subset(self, positions: Sequence[int] | np.ndarray) -> MappedImages:
+        positions = np.asarray(positions, dtype=np.int64)
+        inner = self.images.subset(positions) if hasattr(self.images, "subset") else self.images[positions]
+        return MappedImages(inner, self.transform)
+
+    def load(self) -> torch.Tensor:
+        return self[slice(None)]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -63,14 +117,18 @@ def classification_summary(labels: Any, p_orig: Any, p_simpl: Any) -> dict[str, 
 
 
 @torch.no_grad()
-def deterministic_bpd(prior: nn.Module, images: torch.Tensor, batch_size: int = 128) -> torch.Tensor:
-    """Midpoint-dequantised bpd per image on the prior's device (uint8 or [0,1] input), CPU result."""
+def deterministic_bpd(prior: nn.Module, images: Images | torch.Tensor, batch_size: int = 128,
+                      sharded: bool = False) -> torch.Tensor:
+    """Midpoint-dequantised bpd per image on the prior's device (uint8 or [0,1] input), CPU result.
+
+    Streams ``images`` batch by batch; ``sharded``: split over torchrun ranks (all must call).
+    """
     device = next(prior.parameters()).device
-    out = [
-        bits_per_dim(prior, as_float_images(images[i : i + batch_size]).to(device), "midpoint").cpu()
-        for i in range(0, images.shape[0], batch_size)
-    ]
-    return torch.cat(out) if out else torch.empty(0)
+
+    def score(_: np.ndarray, batch: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"bpd": bits_per_dim(prior, as_float_images(batch).to(device), "midpoint")}
+
+    return score_batches(images, score, batch_size, sharded=sharded).get("bpd", torch.empty(0)).float()
 
 
 def flat_images(images: torch.Tensor) -> torch.Tensor:
@@ -78,6 +136,11 @@ def flat_images(images: torch.Tensor) -> torch.Tensor:
     x = as_float_images(images)
     mean = torch.round(x.mean(dim=(1, 2, 3), keepdim=True) * 255.0) / 255.0
     return mean.expand_as(x).contiguous()
+
+
+def flat_bpd(prior: nn.Module, images: Images, batch_size: int = 128, sharded: bool = True) -> torch.Tensor:
+    """bpd of every image flattened to its mean grey (:func:`flat_images`), batch by batch."""
+    return deterministic_bpd(prior, MappedImages(images, flat_images), batch_size, sharded=sharded)
 
 
 def bits_summary(bpd_orig: Any, bpd_simpl: Any, bpd_flat: Any, num_dims: int) -> dict[str, float]:
@@ -106,23 +169,24 @@ def bits_summary(bpd_orig: Any, bpd_simpl: Any, bpd_flat: Any, num_dims: int) ->
 
 
 def retrain_on_simplified(
-    train_simplified: torch.Tensor,
+    train_simplified: Images,
     train_labels: torch.Tensor,
-    val_simplified: torch.Tensor,
-    val_original: torch.Tensor,
+    val_simplified: Images,
+    val_original: Images,
     val_labels: torch.Tensor,
     config: ClassifyConfig,
 ) -> dict[str, float]:
     """Train a fresh classifier (``config``: a ``ClassifyConfig``) on simplified train images only.
 
     Model selection uses the simplified validation images; the kept model is then also scored on the
-    original validation images: does what survives simplification still carry the task?
+    original validation images: does what survives simplification still carry the task? Images are
+    lazy (a store or a :class:`MappedImages` view) and stream; under torchrun every rank calls this
+    and the classifier trains data-parallel.
     """
     from pipeline.training.classifier import fit_classifier, predict_proba
 
-    # local: run by rank 0 alone after (possibly distributed) training
-    result = fit_classifier(train_simplified, train_labels, val_simplified, val_labels, config, local=True)
-    p_orig = predict_proba(result.model, val_original)
+    result = fit_classifier(train_simplified, train_labels, val_simplified, val_labels, config)
+    p_orig = predict_proba(result.model, val_original, batch_size=config.train.eval_batch_size, sharded=True)
     return {
         "retrain_auroc_simpl": float(result.metrics["val_auroc"]),
         "retrain_accuracy_simpl": float(result.metrics["val_accuracy"]),
@@ -131,30 +195,54 @@ def retrain_on_simplified(
     }
 
 
+def match_sample(n: int, size: int, seed: int) -> np.ndarray:
+    """Sorted positions of a seeded random subsample of ``size`` of ``n`` studies (all when ``n <= size``)."""
+    if n <= size:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(seed).choice(n, size=size, replace=False))
+
+
 def baselines_at_matched_bpd(
     prior: nn.Module,
-    images: torch.Tensor,
+    images: Images,
     labels: torch.Tensor,
     target_bpd: float,
-    predict: Callable[[torch.Tensor], torch.Tensor],
+    predict: Callable[[Images], torch.Tensor],
     kinds: Sequence[str] = ("blur", "jpeg", "downsample"),
-    extra_columns: Callable[[str, float], dict[str, float]] | None = None,
+    extra_columns: Callable[[str, float, Images], dict[str, float]] | None = None,
     tol: float = 0.02,
+    subsample: int = 2000,
+    seed: int = 0,
+    batch_size: int = 128,
+    sharded: bool = True,
 ) -> pd.DataFrame:
     """One row per baseline: strength found by bisection to ``target_bpd``, achieved bpd, AUROC.
 
-    ``reached`` is false where the baseline cannot get within ``tol`` bits of the target (integer
-    JPEG qualities and image sizes, or a target outside its range); compare such rows with care.
+    The bisection runs on a fixed seeded ``subsample`` of the split (each step costs a bpd pass, and
+    the mean bpd of 2000 studies is within ~0.01 bits of the split's); the strength found is then
+    applied to the whole split batch by batch (a lazy view). ``mean_bpd`` is that of the whole
+    split, and ``reached`` is false where it is not within ``tol`` bits of the target (integer JPEG
+    qualities and image sizes, or a target outside its range); compare such rows with care.
+    ``match_sample`` is the number of studies the strength was matched on.
 
     ``predict(images) -> P(positive)`` scores the degraded images with the classifier under audit;
-    ``extra_columns(kind, strength)`` optionally adds more scores of the degraded images (other
-    classifiers, retrain-on-degraded with the protocol of :func:`retrain_on_simplified`).
+    ``extra_columns(kind, strength, degraded)`` optionally adds more scores of the degraded split
+    (other classifiers, retrain-on-degraded with the protocol of :func:`retrain_on_simplified`).
+    With ``sharded`` every torchrun rank must call this; all ranks get the same table.
     """
-    from pipeline.simplebits.baselines import match_bpd
+    from pipeline.simplebits.baselines import baseline_images, match_bpd
 
+    positions = match_sample(len(images), subsample, seed)
+    whole = len(positions) == len(images)
+    # a fixed-size sample in memory (8 MB at 2000 x 64 x 64): the bisection reads it a dozen times
+    sample = images if whole else images[torch.as_tensor(positions)]
     rows = []
     for kind in kinds:
-        degraded, strength, achieved = match_bpd(images, target_bpd, kind, prior, tol=tol)
+        _, strength, achieved = match_bpd(sample, target_bpd, kind, prior, tol=tol, batch_size=batch_size,
+                                          sharded=sharded)
+        degraded = baseline_images(images, kind, strength)
+        if not whole:
+            achieved = float(deterministic_bpd(prior, degraded, batch_size, sharded=sharded).mean())
         p = predict(degraded)
         row = {
             "method": kind,
@@ -162,11 +250,12 @@ def baselines_at_matched_bpd(
             "target_bpd": target_bpd,
             "mean_bpd": achieved,
             "reached": abs(achieved - target_bpd) <= tol,
+            "match_sample": len(positions),
             "auroc": auroc(labels, p),
             "accuracy": accuracy(labels, p),
         }
         if extra_columns is not None:
-            row.update(extra_columns(kind, strength))
+            row.update(extra_columns(kind, strength, degraded))
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -295,6 +384,9 @@ def sign_preference(
     return _ratio(sign_retention(original, simplified, fluid, lung, min_contrast), kept_rest, 1e-6)
 
 
+RETENTION_COLUMNS = ("distractor_retention", "sign_retention", "sign_preference")
+
+
 def mask_retention_table(
     study_ids: Sequence[str],
     originals: torch.Tensor,
@@ -302,7 +394,10 @@ def mask_retention_table(
     masks: dict[str, dict[str, np.ndarray]],
     guard: int = 1,
 ) -> pd.DataFrame:
-    """``study_id, distractor_retention, sign_retention, sign_preference`` per study with masks (nan: n/a)."""
+    """``study_id, distractor_retention, sign_retention, sign_preference`` per study with masks (nan: n/a).
+
+    One batch of images in memory; :func:`retention_table` streams a whole split through it.
+    """
     orig, simpl = as_float_images(originals)[:, 0].numpy(), as_float_images(simplified)[:, 0].numpy()
     rows = []
     for i, study_id in enumerate(study_ids):
@@ -317,9 +412,39 @@ def mask_retention_table(
                 "sign_preference": sign_preference(orig[i], simpl[i], m["fluid"], m["lung"]),
             }
         )
-    return pd.DataFrame(
-        rows, columns=["study_id", "distractor_retention", "sign_retention", "sign_preference"]
-    )
+    return pd.DataFrame(rows, columns=["study_id", *RETENTION_COLUMNS])
+
+
+def retention_table(
+    study_ids: Sequence[str],
+    originals: Images,
+    simplified: Images,
+    mask_dir: str | Path,
+    batch_size: int = 128,
+    sharded: bool = True,
+) -> pd.DataFrame:
+    """:func:`mask_retention_table` over a whole split, batch by batch (masks read per batch too).
+
+    ``simplified`` is aligned with ``originals`` (a store's slots or a :class:`MappedImages` view).
+    With ``sharded`` each rank measures its share (biharmonic inpainting is the slow part) and every
+    rank gets the whole table.
+    """
+    size = int(originals.shape[-1])
+
+    def score(positions: np.ndarray, batch: torch.Tensor) -> dict[str, torch.Tensor]:
+        ids = [study_ids[i] for i in positions]
+        kept = simplified[int(positions[0]):int(positions[-1]) + 1]  # eval batches are contiguous
+        table = mask_retention_table(ids, batch, kept, load_masks(mask_dir, ids, size)).set_index("study_id")
+        has_masks = torch.as_tensor(np.isin(ids, table.index.to_numpy()))
+        table = table.reindex(ids)  # studies without masks: nan rows, dropped below
+        return {"has_masks": has_masks,
+                **{c: torch.tensor(table[c].to_numpy(dtype=np.float64)) for c in RETENTION_COLUMNS}}
+
+    found = score_batches(originals, score, batch_size, sharded=sharded)
+    if not found:
+        return pd.DataFrame(columns=["study_id", *RETENTION_COLUMNS])
+    frame = pd.DataFrame({"study_id": list(study_ids), **{c: found[c].numpy() for c in RETENTION_COLUMNS}})
+    return frame[found["has_masks"].numpy()].reset_index(drop=True)
 
 
 def distractor_pull(

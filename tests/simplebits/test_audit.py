@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 
 import pipeline.data.ingest as ingest_module
+from pipeline.data.ingest import write_ingest_folder
+from pipeline.data.store import CohortStore
 from pipeline.models.classifiers import create_classifier, save_classifier
 from pipeline.models.simplifier import create_simplifier, load_simplifier
 from pipeline.prior import save_prior
@@ -39,6 +41,26 @@ from pipeline.training.classifier import ClassifyConfig, fit_classifier
 
 from toy_tasks import SIZE, distractor_cohort, tiny_prior
 TASK = "effusion"
+
+
+def write_distractor_ingest(root, sizes: dict[str, int], seed: int = 0):
+    """An ingest folder (store, status, manifest) holding distractor-task splits of the given sizes."""
+    parts = [distractor_cohort(n, seed + k, split) for k, (split, n) in enumerate(sizes.items())]
+    frame = pd.concat([p.frame for p in parts], ignore_index=True)
+    ids = [f"{i:08x}" for i in range(len(frame))]  # manifests hold pseudonyms: std-<hex>
+    manifest = pd.DataFrame({
+        "study_id": [f"std-{i}" for i in ids], "patient_id": [f"pat-{i}" for i in ids],
+        "image_path": "/none.png",
+        "view": "PA", "sex": "F", "age": 50.0, "effusion": frame[TASK].astype(str), "split": frame["split"],
+        "source": "demo",
+    })
+    return write_ingest_folder(root, manifest, torch.cat([p.images for p in parts]))
+
+
+def stored_image(root, study_id: str) -> np.ndarray:
+    """One study's uint8 (H, W) image from the store at ``root``."""
+    store = CohortStore.open(root)
+    return store.read(store.slots([study_id]))[0]
 
 
 def tiny_config(lam: float = 2.0, epochs: int = 6, **overrides) -> AuditConfig:
@@ -312,7 +334,12 @@ def test_audit_command_writes_outputs_and_skips_when_done(cohorts, frozen, prior
     ]
     assert {"evidence_distance", "distractor_retention", "sign_retention"} <= set(predictions.columns)
     assert len(predictions) == 48 and set(predictions["split"]) == {"val", "test"}
-    image = np.load(out / "simplified" / f"{parts['test'].study_ids[0]}.npy")
+    # the simplified images: a store with one slot per reported study, no per-study files
+    assert not list((out / "simplified").glob("std-*")) and not (out / "simplified_train").exists()
+    assert sorted(CohortStore.open(out / "simplified").study_ids) == sorted(
+        parts["val"].study_ids + parts["test"].study_ids
+    )
+    image = stored_image(out / "simplified", parts["test"].study_ids[0])
     assert image.dtype == np.uint8 and image.shape == (SIZE, SIZE)
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["setting"] == "audit" and "val_fraction_of_attainable_saving" in metrics
@@ -346,8 +373,32 @@ def test_audit_command_writes_outputs_and_skips_when_done(cohorts, frozen, prior
     study = parts["val"].study_ids[2]
     record = audit_study_command("unused", out, study, config)
     assert record["study_id"] == study and (out / "per_study" / f"{study}.json").is_file()
+    assert np.load(out / "per_study" / f"{study}.npy").shape == (SIZE, SIZE)
     with pytest.raises(ValueError, match="not in the ingest cache"):
         audit_study_command("unused", out, "std-missing", config)
+
+
+def test_per_study_audit_reads_only_its_study(frozen, prior, tmp_path, monkeypatch):
+    """Auditing one study of a large cohort must not read the cohort: one slot of the store, no more."""
+    ingest = write_distractor_ingest(tmp_path / "ingest", {"train": 40, "val": 20, "test": 10})
+    prior_path = save_prior(prior, tmp_path / "prior")
+    weights = save_classifier(frozen, tmp_path / "frozen.safetensors", "nf_cnn")
+    config = tiny_config(per_study={"steps": 3}).model_copy(
+        update={"prior": str(prior_path), "classifiers": [audit.ClassifierSpec(path=str(weights))]}
+    )
+    read_slots = []
+    original_read = CohortStore.read
+
+    def counting_read(self, slots):
+        read_slots.append(len(slots))
+        return original_read(self, slots)
+
+    monkeypatch.setattr(CohortStore, "read", counting_read)
+    study = f"std-{40 + 7:08x}"  # the eighth validation study
+    record = audit_study_command(ingest, tmp_path / "out", study, config)
+    assert read_slots == [1]
+    assert record["study_id"] == study and record["label"] in (0, 1)
+    assert np.load(tmp_path / "out" / "per_study" / f"{study}.npy").dtype == np.uint8
 
 
 def test_an_audit_needs_a_classifier():

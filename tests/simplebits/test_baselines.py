@@ -1,12 +1,22 @@
 """Matched-bpd baselines: blur, JPEG, downsampling, and the bisection that matches their bits."""
 
+import pickle
+
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
 from pipeline.models.bpd import bits_per_dim
 from pipeline.models.glow import Glow
-from pipeline.simplebits.baselines import apply_baseline, downsample, gaussian_blur, jpeg, match_bpd
+from pipeline.simplebits.baselines import (
+    apply_baseline,
+    baseline_images,
+    downsample,
+    gaussian_blur,
+    jpeg,
+    match_bpd,
+)
 
 SIZE = 32
 
@@ -72,8 +82,8 @@ def test_bisection_hits_the_target_bpd(prior, images, kind):
         prior, apply_baseline(images, kind, {"blur": 8.0, "jpeg": 99.0, "downsample": 32.0}[kind])
     )
     target = strongest + 0.5 * (original - strongest)
-    out, strength, achieved = match_bpd(images, target, kind, prior, tol=0.02 * original)
-    assert achieved == pytest.approx(mean_bpd(prior, out), rel=1e-5)
+    out, strength, achieved = match_bpd(images, target, kind, prior, tol=0.02 * original, batch_size=3)
+    assert achieved == pytest.approx(mean_bpd(prior, out.load().float() / 255), rel=1e-5)
     # blur is continuous: within tolerance; JPEG qualities and downsampled sizes are integers, so the
     # best reachable setting is at most one step away
     tolerance = 0.02 * original if kind == "blur" else 0.15 * (original - strongest)
@@ -84,7 +94,7 @@ def test_bisection_hits_the_target_bpd(prior, images, kind):
 def test_targets_out_of_reach_give_the_ends_of_the_range(prior, images):
     original = mean_bpd(prior, images.float() / 255)
     out, strength, achieved = match_bpd(images, original + 5.0, "blur", prior)
-    assert strength == 0.0 and torch.equal(out, images.float() / 255)
+    assert strength == 0.0 and torch.equal(out.load(), images)
     out, strength, achieved = match_bpd(images, -1e6, "blur", prior)
     assert strength == SIZE / 4 and achieved > -1e6
     # a target just beyond the strongest setting: the end nearer the target (the strongest) comes back
@@ -100,3 +110,20 @@ def test_bad_parameters_are_refused(images):
         downsample(images, 0.5)
     with pytest.raises(ValueError, match="kind"):
         apply_baseline(images, "median", 1.0)
+
+
+@pytest.mark.parametrize("kind, strength", [("blur", 1.5), ("jpeg", 60.0), ("downsample", 3.0)])
+def test_the_lazy_view_degrades_whatever_is_read(images, kind, strength):
+    """``baseline_images`` indexes like a store; every read equals the baseline of those images."""
+    view = baseline_images(images, kind, strength)
+    whole = torch.round(apply_baseline(images, kind, strength) * 255).to(torch.uint8)
+    assert len(view) == len(images) and view.shape == images.shape and view.dtype == torch.uint8
+    assert torch.equal(view.load(), whole)
+    assert torch.equal(view[2:5], whole[2:5])
+    assert torch.equal(view[torch.tensor([6, 1])], whole[[6, 1]])
+    assert torch.equal(view[np.array([3])], whole[[3]])
+    assert torch.equal(view[4], whole[4])
+    assert torch.equal(view.subset([7, 0]).load(), whole[[7, 0]])
+    assert torch.equal(pickle.loads(pickle.dumps(view)).load(), whole)  # DataLoader workers get a copy
+    with pytest.raises(ValueError, match="kind"):
+        baseline_images(images, "median", 1.0)

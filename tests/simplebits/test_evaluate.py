@@ -3,23 +3,30 @@
 import math
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
 
+from pipeline.data.store import CohortStore, StoredImages
 from pipeline.models.glow import Glow
+from pipeline.simplebits.baselines import apply_baseline
 from pipeline.simplebits.evaluate import (
+    MappedImages,
     baselines_at_matched_bpd,
     bits_summary,
     classification_summary,
     deterministic_bpd,
     distractor_pull,
     distractor_retention,
+    flat_bpd,
     flat_images,
     load_masks,
     local_contrast,
     mask_retention_table,
+    match_sample,
     retention_summary,
+    retention_table,
     retrain_on_simplified,
     sign_preference,
     sign_retention,
@@ -163,6 +170,26 @@ def test_mask_retention_table_and_summary():
     assert summary["mean_sign_preference"] == pytest.approx(1.0)
 
 
+def test_retention_table_streams_the_split_with_masks_read_per_batch(tmp_path):
+    """Batch by batch, masks read per batch, studies without masks left out: the same as all at once."""
+    image, masks = scene()
+    rng = np.random.default_rng(1)
+    originals = torch.from_numpy(np.stack([np.clip(image + 0.02 * rng.standard_normal(image.shape), 0, 1)
+                                           for _ in range(7)]))[:, None]
+    originals = torch.round(originals * 255).to(torch.uint8)
+    simplified = originals.clone()
+    simplified[::2, 0][:, torch.from_numpy(masks["distractor"] == 1)] = 102  # erase the mark in some
+    ids = [f"std-{i}" for i in range(7)]
+    for study_id in ids[:3] + ids[4:6]:  # std-3 and std-6 have no masks
+        np.savez(tmp_path / f"{study_id}.npz", **masks)
+    streamed = retention_table(ids, originals, simplified, tmp_path, batch_size=2)
+    at_once = mask_retention_table(ids, originals, simplified, load_masks(tmp_path, ids, SIZE))
+    assert list(streamed["study_id"]) == ["std-0", "std-1", "std-2", "std-4", "std-5"]
+    pd.testing.assert_frame_equal(streamed, at_once)
+    assert streamed["distractor_retention"].iloc[0] < 0.1 < 0.9 < streamed["distractor_retention"].iloc[1]
+    assert retention_table(ids[3:4], originals[3:4], simplified[3:4], tmp_path).empty
+
+
 def test_load_masks_maps_to_the_working_resolution(tmp_path):
     _, masks = scene()
     big = {k: np.kron(v, np.ones((4, 4), dtype=np.uint8)).astype(bool) for k, v in masks.items()}
@@ -217,28 +244,74 @@ def test_flat_images_cost_fewer_bits(prior):
     assert (deterministic_bpd(prior, flat) < deterministic_bpd(prior, images)).all()
 
 
+def centre_brightness(x) -> torch.Tensor:
+    """A fixed "classifier" on lazy uint8 images: is the centre brighter than grey?"""
+    return (x[:].float()[:, 0, 8:24, 8:24].mean(dim=(1, 2)) > 127.5).float()
+
+
 def test_baselines_table_at_matched_bpd(prior):
     images, labels = labelled_images(16, 1)
     original = float(deterministic_bpd(prior, images).mean())
     target = 0.6 * original
+    seen = []
 
-    def predict(x):  # a fixed "classifier": brightness of the centre
-        return (torch.as_tensor(x).float()[:, 0, 8:24, 8:24].mean(dim=(1, 2)) > 0.5).float()
+    def extra(kind, strength, degraded):
+        seen.append((kind, degraded))
+        return {"retrain_auroc_simpl": 0.5}
 
     table = baselines_at_matched_bpd(
-        prior,
-        images,
-        labels,
-        target,
-        predict,
-        kinds=("blur", "downsample"),
-        extra_columns=lambda kind, strength: {"retrain_auroc_simpl": 0.5},
+        prior, images, labels, target, centre_brightness, kinds=("blur", "downsample"), extra_columns=extra,
+        batch_size=5,
     )
     assert list(table["method"]) == ["blur", "downsample"]
     assert (table["mean_bpd"] < original).all() and (table["strength"] > 0).all()
     assert table.loc[0, "mean_bpd"] == pytest.approx(target, abs=0.05 * original)
     assert bool(table.loc[0, "reached"]) == (abs(table.loc[0, "mean_bpd"] - target) <= 0.02)
     assert table["auroc"].between(0, 1).all() and (table["retrain_auroc_simpl"] == 0.5).all()
+    assert (table["match_sample"] == 16).all()
+    # the extra columns get the whole split degraded at the strength found
+    blurred = torch.round(apply_baseline(images, "blur", table.loc[0, "strength"]) * 255).to(torch.uint8)
+    assert [kind for kind, _ in seen] == ["blur", "downsample"] and torch.equal(seen[0][1].load(), blurred)
+
+
+def test_baselines_match_on_a_subsample_and_degrade_the_whole_split(prior):
+    """The strength is found on a seeded subsample; the row reports the whole split at that strength."""
+    images, labels = labelled_images(40, 4)
+    target = 0.6 * float(deterministic_bpd(prior, images).mean())
+    table = baselines_at_matched_bpd(prior, images, labels, target, centre_brightness, kinds=("blur",),
+                                     subsample=12, seed=3, batch_size=5)
+    row = table.iloc[0]
+    assert row["match_sample"] == 12
+    sample = match_sample(40, 12, 3)
+    assert len(sample) == 12 and np.all(np.diff(sample) > 0)
+    assert np.array_equal(sample, match_sample(40, 12, 3))
+    assert not np.array_equal(sample, match_sample(40, 12, 4))
+    # bisection on the sample alone lands on the same strength
+    alone = baselines_at_matched_bpd(prior, images[torch.as_tensor(sample)], labels[sample], target,
+                                     centre_brightness, kinds=("blur",), batch_size=5)
+    assert row["strength"] == alone.iloc[0]["strength"]
+    blurred = torch.round(apply_baseline(images, "blur", row["strength"]) * 255).to(torch.uint8)
+    assert row["mean_bpd"] == pytest.approx(float(deterministic_bpd(prior, blurred).mean()), rel=1e-6)
+    assert bool(row["reached"]) == (abs(row["mean_bpd"] - target) <= 0.02)
+
+
+def test_lazy_views_stream_a_store_batch_by_batch(prior, tmp_path):
+    """``MappedImages`` over a store reads like the transformed tensor; bpd passes agree batch-wise."""
+    images, _ = labelled_images(11, 5)
+    ids = [f"std-{i:08x}" for i in range(11)]
+    store = CohortStore.create(tmp_path / "store", ids, (SIZE, SIZE))
+    store.write_block(0, images[:, 0].numpy())
+    stored = StoredImages(store, store.slots(ids))
+    view = MappedImages(stored, flat_images)
+    expected = flat_images(images)
+    assert view.dtype == torch.uint8 and view.shape == images.shape
+    assert torch.equal(view[3:9].float() / 255, expected[3:9])
+    assert torch.equal(view[np.array([10, 0])].float() / 255, expected[[10, 0]])
+    assert torch.equal(view.subset([2, 5]).load().float() / 255, expected[[2, 5]])
+    whole = deterministic_bpd(prior, images)
+    assert torch.allclose(deterministic_bpd(prior, stored, batch_size=4), whole, rtol=0, atol=1e-5)
+    flat = deterministic_bpd(prior, expected)
+    assert torch.allclose(flat_bpd(prior, stored, batch_size=4), flat, rtol=0, atol=1e-5)
 
 
 def distractor_images(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
