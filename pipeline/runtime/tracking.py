@@ -13,20 +13,31 @@ nest their runs under its parent run through ``SIMPLEBITS_MLFLOW_PARENT_RUN_ID``
 Beyond params/metrics/tags: model files (safetensors + json, no pickle) under ``models/<name>/``,
 pandas tables as MLflow dataset inputs, and per-study report folders under ``studies/<study_id>/``.
 Values shaped like a DICOM person name (``FAMILY^GIVEN``) are refused as params or tags.
+
+Resumable runs: ``Tracker.run(..., resume_file=out_dir / "mlflow_run.json")`` records the run id in
+the stage's output folder. A command re-run after a kill (even ``kill -9``, which leaves the run
+RUNNING) reopens that run, so its metric history stays one series; the ``resumed_count`` tag counts
+the reopenings and ``resumed_from_status`` says how the previous attempt ended. A FINISHED run named
+in the file is not reopened: re-running a completed command makes a new run. While such a run is
+open, SIGTERM unwinds the process (exit status 143) so the run ends KILLED rather than RUNNING.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import re
+import signal
+import threading
 import warnings
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pipeline.config import StrictModel
+from pipeline.runtime.atomic import atomic_write_text
 from pipeline.runtime.distributed import is_main_process
 
 if TYPE_CHECKING:
@@ -41,6 +52,9 @@ PARENT_RUN_ENV = "SIMPLEBITS_MLFLOW_PARENT_RUN_ID"
 _PERSON_NAME = re.compile(r"[A-Za-z][A-Za-z' .-]*\^[A-Za-z]")
 MODELS_ARTIFACT_DIR = "models"
 STUDIES_ARTIFACT_DIR = "studies"
+RESUMED_COUNT_TAG = "resumed_count"
+RESUMED_FROM_STATUS_TAG = "resumed_from_status"
+_RUN_ID = re.compile(r"[A-Za-z0-9_-]{1,256}")
 
 
 class TrackingConfig(StrictModel):
@@ -53,6 +67,14 @@ class TrackingConfig(StrictModel):
 
 class IdentifierLeakError(ValueError):
     """A value about to be logged looks like a patient name; refused rather than stored."""
+
+
+class ParamConflictError(ValueError):
+    """A param already logged on the run (e.g. before an interruption) would get a different value."""
+
+
+class RunTerminated(SystemExit):
+    """SIGTERM arrived inside a resumable run: unwinds like ``sys.exit(143)``; the run ends KILLED."""
 
 
 def refuse_person_names(values: Mapping[str, str]) -> None:
@@ -93,6 +115,62 @@ def _disable_telemetry() -> None:
     """MLflow phones home by default; a clinical pipeline must not (and this network is closed)."""
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     os.environ.setdefault("DO_NOT_TRACK", "true")
+
+
+def _read_resume_file(path: Path) -> str | None:
+    """The run id a resume file names, or None (absent, unreadable or malformed: a new run is made)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        log.warning("%s: unreadable (%s); starting a new MLflow run", path, exc)
+        return None
+    run_id = data.get("run_id") if isinstance(data, dict) else None
+    if not isinstance(run_id, str) or not _RUN_ID.fullmatch(run_id):
+        log.warning("%s: names no MLflow run id; starting a new MLflow run", path)
+        return None
+    return run_id
+
+
+def _end_status(exc: BaseException | None) -> str:
+    """MLflow run status for a run left normally (None) or by ``exc``."""
+    if exc is None:
+        return "FINISHED"
+    if isinstance(exc, (KeyboardInterrupt, RunTerminated)):
+        return "KILLED"
+    if isinstance(exc, SystemExit) and exc.code in (None, 0):
+        return "FINISHED"
+    return "FAILED"
+
+
+@contextlib.contextmanager
+def _sigterm_unwinds() -> Iterator[None]:
+    """While open, SIGTERM raises :class:`RunTerminated` so ``finally`` blocks (set_terminated) run.
+
+    Only from the main thread and only where SIGTERM still has its default action: a handler the
+    program (or a launcher) installed is left alone, as is an enclosing one of these. A forked child
+    (e.g. a DataLoader worker) inheriting the handler keeps the default action; a second SIGTERM kills.
+    """
+    main_thread = threading.current_thread() is threading.main_thread()
+    if not main_thread or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        yield
+        return
+    owner = os.getpid()
+
+    def handler(signum: int, frame: Any) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        if os.getpid() != owner:
+            os.kill(os.getpid(), signal.SIGTERM)
+            return
+        raise RunTerminated(128 + signum)
+
+    signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        if signal.getsignal(signal.SIGTERM) is handler:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 class Tracker:
@@ -137,42 +215,132 @@ class Tracker:
         params: Mapping[str, Any] | None = None,
         tags: Mapping[str, str] | None = None,
         run_id: str | None = None,
+        resume_file: str | Path | None = None,
     ) -> Iterator[Tracker]:
-        """Start (or resume, with ``run_id``) a run; nested under the currently open run if any."""
+        """Start a run nested under the currently open run if any, or reopen one.
+
+        ``run_id`` reopens that run. ``resume_file`` (a JSON file in the stage's output folder)
+        reopens the run it names when that run is in this store and experiment, has this ``name``
+        and is not FINISHED (an interrupted attempt); otherwise a new run is made and its id written
+        there atomically. A reopened run keeps its id, so metrics continue one history; params
+        already logged are skipped when equal and raise :class:`ParamConflictError` when not.
+        The run ends FINISHED, FAILED on an exception, KILLED on Ctrl-C or SIGTERM.
+        A disabled tracker (DDP ranks > 0) reads and writes nothing.
+        """
         if not self.enabled:
             yield self
             return
+        if run_id is not None and resume_file is not None:
+            raise ValueError("pass run_id or resume_file, not both")
+        if run_id is not None and run_id in self._stack:
+            raise RuntimeError(f"MLflow run {run_id} is already open")
+        all_tags = dict(tags or {})
+        refuse_person_names(all_tags)
+        flat = flatten(params or {})
+        refuse_person_names(flat)
+        parent = self._stack[-1] if self._stack else os.environ.get(PARENT_RUN_ENV)
+        resume_path = None if resume_file is None else Path(resume_file)
+        existing = self.client.get_run(run_id) if run_id is not None else None
+        if resume_path is not None:
+            existing = self._resumable_run(resume_path, name)
+        with _sigterm_unwinds() if resume_path is not None else contextlib.nullcontext():
+            if existing is not None:
+                run_id = existing.info.run_id
+                pending = self._params_to_log(existing.data.params, flat, run_id)
+                self._reopen(existing, all_tags, parent)
+            else:
+                if parent:
+                    all_tags["mlflow.parentRunId"] = parent
+                all_tags["mlflow.runName"] = name
+                run_id = self.client.create_run(self.experiment_id, run_name=name, tags=all_tags).info.run_id
+                pending = flat
+            self._stack.append(run_id)
+            self.run_id = run_id
+            error: BaseException | None = None
+            try:
+                if existing is None and resume_path is not None:
+                    payload = {"run_id": run_id, "run_name": name, "experiment_id": self.experiment_id}
+                    atomic_write_text(resume_path, json.dumps(payload, indent=2) + "\n")
+                if pending:
+                    self._log_flat_params(pending)
+                yield self
+            except BaseException as exc:
+                error = exc
+                raise
+            finally:
+                self.client.set_terminated(run_id, status=_end_status(error))
+                self._stack.pop()
+                self.run_id = self._stack[-1] if self._stack else None
+
+    def _resumable_run(self, resume_file: Path, name: str) -> Any:
+        """The interrupted run ``resume_file`` names, or None when a new run is due."""
+        from mlflow.exceptions import MlflowException
+
+        run_id = _read_resume_file(resume_file)
         if run_id is None:
-            all_tags = dict(tags or {})
-            refuse_person_names(all_tags)
-            parent = self._stack[-1] if self._stack else os.environ.get(PARENT_RUN_ENV)
-            if parent:
-                all_tags["mlflow.parentRunId"] = parent
-            all_tags["mlflow.runName"] = name
-            run = self.client.create_run(self.experiment_id, run_name=name, tags=all_tags)
-            run_id = run.info.run_id
-        self._stack.append(run_id)
-        self.run_id = run_id
-        status = "FAILED"
+            return None
+        if run_id in self._stack:
+            raise RuntimeError(f"{resume_file}: MLflow run {run_id} is already open")
         try:
-            if params:
-                self.log_params(params)
-            yield self
-            status = "FINISHED"
-        finally:
-            self.client.set_terminated(run_id, status=status)
-            self._stack.pop()
-            self.run_id = self._stack[-1] if self._stack else None
+            run = self.client.get_run(run_id)
+        except MlflowException as exc:
+            if exc.error_code not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+                raise
+            log.warning("%s: run %s is not in %s; starting a new MLflow run", resume_file, run_id, self.uri)
+            return None
+        info = run.info
+        same_run = info.experiment_id == self.experiment_id and info.run_name == name
+        if info.lifecycle_stage != "active" or not same_run:
+            log.warning("%s: run %s is deleted, in another experiment or not named %r; "
+                        "starting a new MLflow run", resume_file, run_id, name)
+            return None
+        if info.status == "FINISHED":
+            log.info("%s: run %s finished; starting a new MLflow run", resume_file, run_id)
+            return None
+        return run
+
+    def _reopen(self, run: Any, tags: dict[str, str], parent: str | None) -> None:
+        """Mark ``run`` RUNNING again, count the reopening, refresh tags and the parent link."""
+        run_id, status = run.info.run_id, run.info.status
+        try:
+            count = int(run.data.tags.get(RESUMED_COUNT_TAG, "0")) + 1
+        except ValueError:
+            count = 1
+        log.info("reopening MLflow run %s (%s, left %s; reopened %d time(s))",
+                 run_id, run.info.run_name, status, count)
+        if status != "RUNNING":
+            self.client.update_run(run_id, status="RUNNING")
+        tags = {**tags, RESUMED_COUNT_TAG: str(count), RESUMED_FROM_STATUS_TAG: status}
+        if parent and parent != run_id and run.data.tags.get("mlflow.parentRunId") != parent:
+            tags["mlflow.parentRunId"] = parent  # nest under the parent run of this attempt
+        for key, value in tags.items():
+            self.client.set_tag(run_id, key, str(value))
+
+    @staticmethod
+    def _params_to_log(logged: Mapping[str, str], flat: Mapping[str, str], run_id: str) -> dict[str, str]:
+        """``flat`` less the params ``run_id`` already has; a different value for one is an error."""
+        for key, value in flat.items():
+            if key in logged and logged[key] != value:
+                raise ParamConflictError(
+                    f"param {key!r} is {value!r} but MLflow run {run_id} already logged {logged[key]!r}; "
+                    "MLflow cannot change a logged param: keep the original value or start a new run")
+        return {k: v for k, v in flat.items() if k not in logged}
+
+    def _log_flat_params(self, flat: Mapping[str, str]) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(k, v) for k, v in flat.items()]
+        for i in range(0, len(items), 100):
+            self.client.log_batch(self.run_id, params=items[i : i + 100])
 
     def log_params(self, params: Mapping[str, Any]) -> None:
+        """Log (nested) params; ones the run already has are skipped, or refused if the value differs."""
         if self.enabled and self.run_id:
-            from mlflow.entities import Param
-
             flat = flatten(params)
             refuse_person_names(flat)
-            items = [Param(k, v) for k, v in flat.items()]
-            for i in range(0, len(items), 100):
-                self.client.log_batch(self.run_id, params=items[i : i + 100])
+            pending = self._params_to_log(self.client.get_run(self.run_id).data.params, flat, self.run_id)
+            if pending:
+                self._log_flat_params(pending)
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
         if self.enabled and self.run_id:

@@ -160,3 +160,12 @@ def test_disabled_tracker_logs_nothing(tmp_path):
     assert not (tmp_path / "run" / "mlflow.db").exists()
     with pytest.raises(FileNotFoundError, match="missing.safetensors"):
         tracker.log_model_files("m", [tmp_path / "missing.safetensors"])
+
+
+def test_person_name_in_run_params_is_refused_before_a_run_is_made(tmp_path):
+    tracker = Tracker(tmp_path / "run", uri=f"sqlite:///{tmp_path / 'guard.db'}")
+    with pytest.raises(IdentifierLeakError, match="data.who"):
+        with tracker.run("guard", params={"data": {"who": "DOE^JANE"}}, resume_file=tmp_path / "mlflow_run.json"):
+            pytest.fail("the run must not open")
+    assert tracker.client.search_runs([tracker.experiment_id]) == []
+    assert not (tmp_path / "mlflow_run.json").exists() and tracker.run_id is None
