@@ -28,7 +28,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _add_cohort_arguments(bpd, required=True)
     bpd.add_argument("--prior", help="prior .safetensors (default: the shipped prior)")
     bpd.add_argument("--size", type=int, default=None,
-                     help="resize to this size (default: as cached; 128 from a manifest)")
+                     help="resize to this size (default: as stored; 128 from a manifest)")
     bpd.add_argument("--device", default="auto")
     bpd.add_argument("--out", required=True, help="CSV: study_id, split, effusion, sex, bpd")
     bpd.set_defaults(func=run_bpd)
@@ -39,13 +39,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     ordering.add_argument("--sizes", type=int, nargs="+", default=[64, 128])
     ordering.add_argument("--reference", type=int, default=32,
                           help="number of rendered reference projections (used without a cohort)")
+    ordering.add_argument("--max-studies", type=int, default=512,
+                          help="test studies checked at most (a seeded sample; every variant of each is held "
+                               "in memory)")
     ordering.add_argument("--out", help="write the numbers as JSON here")
     ordering.set_defaults(func=run_ordering)
 
 
 def _add_cohort_arguments(parser: argparse.ArgumentParser, required: bool) -> None:
     group = parser.add_mutually_exclusive_group(required=required)
-    group.add_argument("--ingest", help="ingest folder (cache/<study>.npy + manifest.csv)")
+    group.add_argument("--ingest", help="ingest folder (store/ + manifest.csv, from simplebits ingest)")
     group.add_argument("--manifest", help="cohort manifest CSV (images are read and resized)")
 
 
@@ -56,7 +59,10 @@ def run_train(args: argparse.Namespace) -> int:
     config = config_from_args(PriorConfig, args, init=args.init)
     radiographs = val_radiographs = None
     if args.ingest or args.manifest:
-        radiographs, _ = load_radiographs(args.ingest, args.manifest, split="train")
+        # the mix bank's sample, taken before reading (train_prior would take the same one); the
+        # validation radiographs stay lazy for an ingest folder and are streamed
+        radiographs, _ = load_radiographs(args.ingest, args.manifest, split="train",
+                                          max_studies=config.data.max_radiographs, seed=config.data.bank.seed)
         val_radiographs, _ = load_radiographs(args.ingest, args.manifest, split="val")
         log.info("demo radiographs: %d train, %d val", len(radiographs), len(val_radiographs))
     summary = train_prior(config, args.out, radiographs, val_radiographs)
@@ -73,8 +79,8 @@ def run_bpd(args: argparse.Namespace) -> int:
 
     device = pick_device(args.device)
     model = load_prior(args.prior, device=device)
-    images, frame = load_radiographs(args.ingest, args.manifest, size=args.size)
-    table = bpd_table(model, images, frame, device=device)
+    images, frame = load_radiographs(args.ingest, args.manifest, size=args.size)  # an ingest folder: lazy
+    table = bpd_table(model, images, frame, device=device, size=args.size)
     with atomic_path(args.out) as tmp:
         table.to_csv(tmp, index=False)
     summary = table.groupby("effusion", dropna=False)["bpd"].agg(["count", "mean"])
@@ -84,14 +90,15 @@ def run_bpd(args: argparse.Namespace) -> int:
 
 def run_ordering(args: argparse.Namespace) -> int:
     from pipeline.prior import load_prior
-    from pipeline.prior.data import load_radiographs, render_reference_radiographs
+    from pipeline.prior.data import load_radiographs, read_uint8, render_reference_radiographs, resize_uint8
     from pipeline.prior.evaluate import ordering_holds, simplicity_ordering
 
     model = load_prior(args.prior)
     size = max(args.sizes)
     if args.ingest or args.manifest:
-        images, _ = load_radiographs(args.ingest, args.manifest, split="test", size=size)
-        source = "cohort test split"
+        images, _ = load_radiographs(args.ingest, args.manifest, split="test", size=size,
+                                     max_studies=args.max_studies)
+        images, source = resize_uint8(read_uint8(images), size), "cohort test split"
     else:
         images, source = render_reference_radiographs(args.reference, size), "rendered reference projections"
     results = simplicity_ordering(model, images, sizes=args.sizes)

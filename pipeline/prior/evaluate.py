@@ -7,6 +7,8 @@ above the original would reward the simplifier for keeping detail.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pandas as pd
 import torch
@@ -14,33 +16,41 @@ from scipy import ndimage
 
 from pipeline.models.bpd import bits_per_dim
 from pipeline.models.glow import Glow
-from pipeline.prior.data import resize_uint8, to_uint8
+from pipeline.prior.data import RadiographImages, resize_uint8, to_uint8
 from pipeline.runtime.device import autocast
+from pipeline.training.engine import score_batches
 
 TABLE_COLUMNS = ("study_id", "split", "effusion", "sex", "bpd")
 
 
 @torch.no_grad()
 def images_bpd(
-    model: Glow, images: np.ndarray, batch_size: int = 32, device: str | torch.device = "cpu"
+    model: Glow, images: RadiographImages, batch_size: int = 32, device: str | torch.device = "cpu",
+    size: int | None = None,
 ) -> np.ndarray:
-    """Deterministic (midpoint) bpd of uint8 images ``(N, 1, H, W)``, float64 ``(N,)``."""
+    """Deterministic (midpoint) bpd of uint8 images ``(N, 1, H, W)``, float64 ``(N,)``.
+
+    Read batch by batch (a lazy store view streams from disk); ``size``: each batch is first resized
+    to ``size`` x ``size`` (:func:`~pipeline.prior.data.resize_uint8`). Runs in this process alone.
+    """
     device = torch.device(device)
-    out = []
-    for i in range(0, len(images), batch_size):
-        x = torch.from_numpy(images[i : i + batch_size]).to(device).float() / 255.0
+
+    def score(_: Any, batch: Any) -> dict[str, torch.Tensor]:
+        batch = np.asarray(batch, dtype=np.uint8)
+        x = torch.from_numpy(batch if size is None else resize_uint8(batch, size)).to(device).float() / 255.0
         with autocast(device):
-            out.append(bits_per_dim(model, x, dequantize="midpoint").double().cpu())
-    return torch.cat(out).numpy() if out else np.zeros(0)
+            return {"bpd": bits_per_dim(model, x, dequantize="midpoint").double()}
+
+    return score_batches(images, score, batch_size, sharded=False).get("bpd", torch.zeros(0)).numpy()
 
 
-def bpd_table(model: Glow, images: np.ndarray, frame: pd.DataFrame, batch_size: int = 32,
-              device: str | torch.device = "cpu") -> pd.DataFrame:
-    """One row per study: ``study_id, split, effusion, sex, bpd`` (midpoint mode)."""
+def bpd_table(model: Glow, images: RadiographImages, frame: pd.DataFrame, batch_size: int = 32,
+              device: str | torch.device = "cpu", size: int | None = None) -> pd.DataFrame:
+    """One row per study: ``study_id, split, effusion, sex, bpd`` (midpoint, streamed: :func:`images_bpd`)."""
     if len(images) != len(frame):
         raise ValueError(f"{len(images)} images but {len(frame)} manifest rows")
     table = frame.reindex(columns=list(TABLE_COLUMNS[:-1])).reset_index(drop=True)
-    table["bpd"] = images_bpd(model, images, batch_size, device)
+    table["bpd"] = images_bpd(model, images, batch_size, device, size)
     return table
 
 

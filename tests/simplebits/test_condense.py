@@ -17,6 +17,8 @@ from pipeline.simplebits.condense import (
     CondenseLoopConfig,
     ConvNet,
     condense,
+    DownsampledImages,
+    area_downsample,
     condense_command,
     downsample_cohort,
     evaluate_condensed,
@@ -107,10 +109,38 @@ def test_downsample_cohort_area_averages_on_the_8bit_grid(cohorts):
     train, _ = cohorts
     small = downsample_cohort(train, SIZE // 2)
     assert small.images.dtype == torch.uint8 and small.images.shape == (len(train), 1, SIZE // 2, SIZE // 2)
+    first = small.images[0]
+    assert first.dtype == torch.uint8 and first.shape == (1, SIZE // 2, SIZE // 2)
     block = train.images[0, 0, :2, :2].float().mean()
-    assert abs(int(small.images[0, 0, 0, 0]) - float(block)) <= 0.5
+    assert abs(int(first[0, 0, 0]) - float(block)) <= 0.5
     assert small.study_ids == train.study_ids
     assert downsample_cohort(train, SIZE) is train and downsample_cohort(train, None) is train
+
+
+def test_downsampled_view_reads_only_the_rows_asked_for(cohorts):
+    """The view resizes per batch: indexing reads just those rows of the underlying images."""
+    train, _ = cohorts
+
+    class CountingImages:
+        def __init__(self, images):
+            self.images, self.rows_read = images, 0
+            self.shape = images.shape
+
+        def __len__(self):
+            return len(self.images)
+
+        def __getitem__(self, key):
+            batch = self.images[key]
+            self.rows_read += len(batch) if batch.ndim == 4 else 1
+            return batch
+
+    source = CountingImages(train.images)
+    view = DownsampledImages(source, SIZE // 2)
+    assert len(view) == len(train) and source.rows_read == 0
+    picked = view[np.array([5, 2, 9])]
+    assert source.rows_read == 3
+    assert torch.equal(picked, area_downsample(train.images[[5, 2, 9]], SIZE // 2))
+    assert torch.equal(view[4:7], area_downsample(train.images[4:7], SIZE // 2))
 
 
 def test_convnet_uses_per_example_normalisation():
@@ -122,7 +152,9 @@ def test_convnet_uses_per_example_normalisation():
 
 
 def test_condensation_matches_gradients_better_over_iterations(condensed):
-    images, labels, history = condensed[0.0]
+    result = condensed[0.0]
+    images, labels, history = result.images, result.labels, result.history
+    assert result.stopped_iteration == 8 and not result.time_capped
     assert images.dtype == torch.uint8 and images.shape == (4, 1, SIZE, SIZE)
     assert labels.tolist() == [0, 0, 1, 1]
     assert len(history) == 8
@@ -135,13 +167,13 @@ def test_bpd_term_lowers_the_bits_of_the_condensed_images(condensed, prior):
     def mean_bpd(images):
         return float(bits_per_dim(prior, images.float() / 255, "midpoint").mean())
 
-    assert mean_bpd(condensed[100.0][0]) < 0.5 * mean_bpd(condensed[0.0][0])
+    assert mean_bpd(condensed[100.0].images) < 0.5 * mean_bpd(condensed[0.0].images)
 
 
 def test_condensed_images_carry_the_task(condensed, prior, cohorts):
     train, val = cohorts
-    images, labels, _ = condensed[100.0]
-    metrics = evaluate_condensed(images, labels, train, val, prior, tiny_config(100.0))
+    result = condensed[100.0]
+    metrics = evaluate_condensed(result.images, result.labels, train, val, prior, tiny_config(100.0))
     assert metrics["condensed_accuracy_mean"] >= 0.9
     assert metrics["condensed_auroc_mean"] >= 0.9
     assert {"full_accuracy_mean", "full_auroc_mean", "bpd_condensed", "bpd_real"} <= set(metrics)
@@ -166,7 +198,7 @@ def test_condense_command_sweep_writes_outputs_and_resumes(prior, cohorts, tmp_p
     assert json.loads((out / "lam-100" / "metrics.json").read_text())["ipc"] == 2
     # a longer run resumes from the checkpoint of the short one
     longer = tiny_config(100.0, iterations=3).model_copy(update={"prior": config.prior})
-    resumed, _, history = condense(
+    resumed = condense(
         train.images,
         train.labels(TASK),
         prior,
@@ -174,7 +206,8 @@ def test_condense_command_sweep_writes_outputs_and_resumes(prior, cohorts, tmp_p
         100.0,
         checkpoint_path=out / "lam-100" / "checkpoint.pt",
     )
-    assert [h["iteration"] for h in history] == [1, 2, 3]
+    assert [h["iteration"] for h in resumed.history] == [1, 2, 3]
+    assert resumed.history[:2] == json.loads((out / "lam-100" / "metrics.json").read_text())["history"]
 
 
 def test_shipped_config_matches_the_defaults():
