@@ -159,7 +159,9 @@ def run_pipeline(config: RunConfig) -> dict[str, Any]:
     timings: dict[str, float] = {}
     summary: dict[str, Any] = {"run": str(folder.root), "tracking_uri": uri}
 
-    with tracker.run("simplebits-pipeline", params=config.model_dump(mode="json")) as parent:
+    # resumed after a kill: the parent run (and with it every stage run) continues where it stopped
+    with tracker.run("simplebits-pipeline", params=config.model_dump(mode="json"),
+                     resume_file=folder.root / "mlflow_run.json") as parent:
         # Every stage builds its own Tracker; these make them log to this run's store, nested under the parent.
         with _environment({"MLFLOW_TRACKING_URI": uri, PARENT_RUN_ENV: parent.run_id}):
             _run_stages(config, folder, tracker, timings, summary)

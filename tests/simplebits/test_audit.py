@@ -287,7 +287,7 @@ def test_audit_command_writes_outputs_and_skips_when_done(cohorts, frozen, prior
     def fake_load_cohort(ingest, split=None, task=None):
         return parts[split] if split else parts["val"]
 
-    monkeypatch.setattr(ingest_module, "load_cohort", fake_load_cohort)
+    monkeypatch.setattr(ingest_module, "load_cohorts", lambda ingest, splits, task: {s: parts[s] for s in splits})
     monkeypatch.setattr(audit, "load_cohort", fake_load_cohort)
     prior_path = save_prior(prior, tmp_path / "prior")
     weights = save_classifier(frozen, tmp_path / "elsewhere.safetensors", "nf_cnn")

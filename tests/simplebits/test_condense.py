@@ -182,9 +182,8 @@ def test_condensed_images_carry_the_task(condensed, prior, cohorts):
 
 def test_condense_command_sweep_writes_outputs_and_resumes(prior, cohorts, tmp_path, monkeypatch):
     train, val = cohorts
-    monkeypatch.setattr(
-        ingest_module, "load_cohort", lambda ingest, split, task: {"train": train, "val": val, "test": val}[split]
-    )
+    parts = {"train": train, "val": val, "test": val}
+    monkeypatch.setattr(ingest_module, "load_cohorts", lambda ingest, splits, task: {s: parts[s] for s in splits})
     config = tiny_config([0.0, 100.0], iterations=2).model_copy(
         update={"prior": str(save_prior(prior, tmp_path / "p"))}
     )

@@ -4,7 +4,6 @@ import pandas as pd
 import pytest
 import torch
 
-import pipeline.data.ingest as ingest_module
 import pipeline.training.classifier as classifier_module
 from pipeline.config import load_config
 from pipeline.data.ingest import Cohort
@@ -114,7 +113,7 @@ def test_no_weight_decay_on_biases():
 
 def test_command_writes_model_metrics_and_predictions(tmp_path, monkeypatch):
     cohorts = {"train": cohort(128, 4, "train"), "val": cohort(64, 5, "val"), "test": cohort(32, 6, "test")}
-    monkeypatch.setattr(ingest_module, "load_cohort", lambda ingest, split, task: cohorts[split])
+    monkeypatch.setattr(classifier_module, "load_task_splits", lambda ingest, task: cohorts)
     config = tiny_config(epochs=2).model_copy(update={"tracking": tiny_config().tracking.model_copy(
         update={"enabled": True})})
     out = tmp_path / "classifier" / "effusion"
