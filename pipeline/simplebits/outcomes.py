@@ -15,7 +15,7 @@ streams them batch by batch. Under torchrun **every rank calls every function he
 data-parallel and score sharded, gathering per-study results); only the caller's rank 0 writes files.
 
 Signatures (``Images``: anything indexed like ``StoredImages``; ``Simplify``: uint8 batch -> uint8
-batch, e.g. ``partial(simplify_images, simplifier, device=device)``)::
+batch, e.g. ``partial(simplify_batch, simplifier, device=device)``)::
 
     independent_classifier(cohort_train, cohort_val, task, spec, augment, device) -> nn.Module | None
     independent_scores(independent, originals: Images, simplified: Images, labels, device,
