@@ -47,7 +47,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from pydantic import field_validator
+from pydantic import Field, field_validator
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
@@ -101,8 +101,8 @@ class ApplyConfig(StrictModel):
     out: str | None = None
     split: str | None = None  # None: every split of the ingest folder
     task: str | None = None  # label scored in metrics.json; None: the "task" in the classifier's .json
-    batch_size: int = 64
-    num_workers: int = 2  # DataLoader processes reading batches from the store ahead of the models
+    batch_size: int = Field(64, ge=1)
+    num_workers: int = Field(2, ge=0)  # DataLoader processes reading batches from the store ahead of the models
     device: str = "auto"
     tracking: TrackingConfig = TrackingConfig()
 
@@ -118,20 +118,6 @@ class ApplyConfig(StrictModel):
     def _check_task(cls, value: str | None) -> str | None:
         if value is not None and value not in TASKS:
             raise ValueError(f"task must be one of {TASKS} or null, got {value!r}")
-        return value
-
-    @field_validator("batch_size")
-    @classmethod
-    def _check_batch_size(cls, value: int) -> int:
-        if value < 1:
-            raise ValueError(f"batch_size must be >= 1, got {value}")
-        return value
-
-    @field_validator("num_workers")
-    @classmethod
-    def _check_num_workers(cls, value: int) -> int:
-        if value < 0:
-            raise ValueError(f"num_workers must be >= 0 (0 = read in this process), got {value}")
         return value
 
 

@@ -52,7 +52,7 @@ import pandas as pd
 import torch
 import torch.distributed as dist
 import yaml
-from pydantic import field_validator
+from pydantic import Field, field_validator
 
 from pipeline.config import RESOLVED_CONFIG_NAME, StrictModel, save_resolved_config
 from pipeline.data.manifest import read_manifest, resolve_image_paths, write_manifest
@@ -81,20 +81,13 @@ class IngestConfig(StrictModel):
     size: int = DEFAULT_SIZE
     voi: Literal["auto", "window", "none"] = "auto"
     pad_mode: Literal["min", "edge"] = "min"
-    workers: int = 0
+    workers: int = Field(0, ge=0)  # decode processes; 0 decodes in this process
     retry_errors: bool = False
 
     @field_validator("size")
     @classmethod
     def _check_size(cls, value: int) -> int:
         return validate_size(value)
-
-    @field_validator("workers")
-    @classmethod
-    def _check_workers(cls, value: int) -> int:
-        if value < 0:
-            raise ValueError(f"workers must be >= 0 (0 = decode in this process), got {value}")
-        return value
 
 
 @dataclass(frozen=True)

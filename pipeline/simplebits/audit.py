@@ -226,22 +226,11 @@ def frozen_ensemble(classifiers: nn.Module | Sequence[nn.Module], device: torch.
 Streams = torch.Generator | Sequence[torch.Generator] | None
 
 
-def sample_streams(ctx: StepContext, positions: torch.Tensor) -> list[torch.Generator]:
-    """One random stream per sample, keyed like :meth:`StepContext.uniform` by (seed, epoch, position).
-
-    A sample's noise then does not depend on the rank or batch that takes it: two ranks and one process
-    with the same global batch compute the same objective, and a resumed run draws what it would have.
-    The seed is two exact 24-bit integers (float32 uniforms are multiples of 2^-24).
-    """
-    keys = (ctx.uniform(positions, 2) * 2**24).long().tolist()
-    return [torch.Generator().manual_seed(high << 24 | low) for high, low in keys]
-
-
 def draw_noise(streams: Streams, like: torch.Tensor, normal: bool) -> torch.Tensor:
     """Gaussian (``normal``) or uniform noise shaped like ``like`` ``(B, ...)``, on its device.
 
     ``streams``: one generator for the whole batch (the per-study audit), or one per sample
-    (:func:`sample_streams`); ``None`` draws from the global stream.
+    (:meth:`StepContext.sample_generators`); ``None`` draws from the global stream.
     """
     draw = torch.randn if normal else torch.rand
     if streams is None or isinstance(streams, torch.Generator):
@@ -437,7 +426,7 @@ def audit_step(
         references = references_for(classifiers, x, device)
         losses = audit_losses(simplifier(x), references, classifiers, prior,
                               config.audit.model_copy(update={"lam": lam}), labels.to(device),
-                              sample_streams(ctx, positions))
+                              ctx.sample_generators(positions))
         grads = torch.autograd.grad(losses["total"], params, allow_unused=True)
         # all-reduces the gradients: safe because the engine gives every rank the same number of steps
         stepped = apply_gradients(params, list(grads), optimizer, clip)

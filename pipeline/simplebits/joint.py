@@ -315,16 +315,10 @@ def simplifier_losses(
 
 
 def dequantization_noise(ctx: StepContext, positions: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
-    """Uniform dequantisation offsets ``(B, *shape)`` for the bpd term, one stream per sample.
-
-    Keyed like :meth:`StepContext.uniform` by (seed, epoch, sample position), so a sample gets the
-    same noise whichever rank takes it: two ranks and one process with the same global batch
-    compute the same ``L_bpd``. The seed of each sample's stream is two exact 24-bit integers
-    (float32 uniforms are multiples of 2^-24).
-    """
-    keys = (ctx.uniform(positions, 2) * 2**24).long().tolist()
-    return torch.stack([torch.rand(tuple(shape), generator=torch.Generator().manual_seed(high << 24 | low))
-                        for high, low in keys])
+    """Uniform dequantisation offsets ``(B, *shape)`` for the bpd term, one stream per sample: a sample
+    gets the same noise whichever rank takes it, so two ranks and one process with the same global
+    batch compute the same ``L_bpd``."""
+    return torch.stack([torch.rand(tuple(shape), generator=g) for g in ctx.sample_generators(positions)])
 
 
 def average_gradients(grads: list[torch.Tensor | None]) -> list[torch.Tensor | None]:

@@ -86,6 +86,15 @@ class StepContext:
             raise RuntimeError("per-sample randomness needs a dataset-driven fit")
         return self.sample_table(k)[positions.long().cpu()]
 
+    def sample_generators(self, positions: torch.Tensor) -> list[torch.Generator]:
+        """One random stream per sample, keyed like :meth:`uniform` by (seed, epoch, position), for
+        noise shaped like an image (the audit's input noise, joint training's dequantisation).
+
+        Each stream's seed is two exact 24-bit integers (float32 uniforms are multiples of 2^-24).
+        """
+        keys = (self.uniform(positions, 2) * 2**24).long().tolist()
+        return [torch.Generator().manual_seed(high << 24 | low) for high, low in keys]
+
     @property
     def global_step(self) -> int:
         return self.epoch * self.steps_per_epoch + self.step
