@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from pydantic import field_validator
+from pydantic import Field, field_validator
 
 from pipeline.config import StrictModel, save_resolved_config
 from pipeline.data.ingest import MANIFEST_NAME, STATUS_NAME, StatusWriter, open_store, store_path
@@ -59,52 +59,24 @@ class ScaleCohortConfig(StrictModel):
 
     source: str | None = None
     out: str | None = None
-    n: int = 10_000
+    n: int = Field(10_000, ge=1)
     seed: int = 0
     size: int | None = None  # None: the source's image size
     split_fractions: dict[str, float] = {"train": 0.8, "val": 0.1, "test": 0.1}
     studies_per_patient_weights: list[float] = [0.6, 0.25, 0.15]  # P(1 study), P(2), ...
-    max_shift_px: int = 3
-    gamma: float = 1.15  # gamma log-uniform in [1/gamma, gamma]
-    gain: float = 0.05  # gain uniform in [1 - gain, 1 + gain]
-    offset: float = 0.03  # offset uniform in [-offset, offset], as a fraction of full scale
-    blend_probability: float = 0.3
+    max_shift_px: int = Field(3, ge=0)
+    gamma: float = Field(1.15, ge=1)  # gamma log-uniform in [1/gamma, gamma]
+    gain: float = Field(0.05, ge=0, le=1)  # gain uniform in [1 - gain, 1 + gain]
+    offset: float = Field(0.03, ge=0, le=1)  # offset uniform in [-offset, offset], as a fraction of full scale
+    blend_probability: float = Field(0.3, ge=0, le=1)
     blend_weight: tuple[float, float] = (0.2, 0.5)  # the partner's weight, uniform in this range
-    chunk: int = 4096  # studies per vectorised block (memory ~ chunk x pixels x a few bytes)
-    shard_rows: int = DEFAULT_SHARD_ROWS
-
-    @field_validator("n", "chunk", "shard_rows")
-    @classmethod
-    def _check_positive(cls, value: int) -> int:
-        if value < 1:
-            raise ValueError(f"must be >= 1, got {value}")
-        return value
+    chunk: int = Field(4096, ge=1)  # studies per vectorised block (memory ~ chunk x pixels x a few bytes)
+    shard_rows: int = Field(DEFAULT_SHARD_ROWS, ge=1)
 
     @field_validator("size")
     @classmethod
     def _check_size(cls, value: int | None) -> int | None:
         return None if value is None else validate_size(value)
-
-    @field_validator("max_shift_px")
-    @classmethod
-    def _check_shift(cls, value: int) -> int:
-        if value < 0:
-            raise ValueError(f"max_shift_px must be >= 0, got {value}")
-        return value
-
-    @field_validator("gamma")
-    @classmethod
-    def _check_gamma(cls, value: float) -> float:
-        if value < 1:
-            raise ValueError(f"gamma is the upper end of [1/gamma, gamma], so >= 1; got {value}")
-        return value
-
-    @field_validator("gain", "offset", "blend_probability")
-    @classmethod
-    def _check_unit(cls, value: float) -> float:
-        if not 0 <= value <= 1:
-            raise ValueError(f"must be in [0, 1], got {value}")
-        return value
 
     @field_validator("split_fractions")
     @classmethod
