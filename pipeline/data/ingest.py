@@ -491,7 +491,7 @@ def load_cohorts(ingest_dir: str | Path, splits: Sequence[str | None], task: str
     """:func:`load_cohort` for several splits (``None``: all studies) from one read of the manifest
     and one open store; at 100k studies each read of the manifest costs ~100 MB at its peak."""
     ingest_dir = Path(ingest_dir)
-    frame = read_manifest(ingest_dir / MANIFEST_NAME)
+    frame = read_ingested_manifest(ingest_dir / MANIFEST_NAME)
     if task is not None:
         frame = frame[task_labels(frame, task).notna().to_numpy()]
     store = open_store(ingest_dir)
@@ -501,6 +501,25 @@ def load_cohorts(ingest_dir: str | Path, splits: Sequence[str | None], task: str
         ids = rows["study_id"].tolist()
         cohorts[split] = Cohort(images=StoredImages(store, store.slots(ids)), frame=rows, study_ids=ids)
     return cohorts
+
+
+def read_ingested_manifest(path: Path) -> pd.DataFrame:
+    """The ok-manifest that ingest wrote (validated then, by :func:`write_manifest`), as text columns.
+
+    Not validated again: at 100k studies the full schema check peaks at ~160 MB, which made the
+    training commands' memory grow with the cohort. ``image_path`` is left out (nothing downstream of
+    ingest reads pixels from the source files; the reports read the manifest themselves).
+    """
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: ingest manifest not found; run simplebits ingest first")
+    frame = pd.read_csv(path, dtype=str, keep_default_na=False, usecols=lambda c: c != "image_path")
+    missing = [c for c in ("study_id", "split", "sex", "effusion") if c not in frame.columns]
+    if missing:
+        raise ValueError(f"{path}: missing columns {missing}; re-run simplebits ingest")
+    for column in ("age", "effusion"):  # numbers with NaN for unknown, as read_manifest gives them
+        if column in frame.columns:
+            frame[column] = pd.to_numeric(frame[column], errors="coerce")
+    return frame
 
 
 def load_task_splits(ingest_dir: str | Path, task: str) -> dict[str, Cohort]:
