@@ -68,7 +68,7 @@ from pipeline.runtime.distributed import (
     world_info,
 )
 from pipeline.runtime.progress import progress
-from pipeline.runtime.tracking import Tracker, TrackingConfig
+from pipeline.runtime.tracking import RUN_ID_NAME, Tracker, TrackingConfig
 from pipeline.training.engine import uint8_collate
 
 log = logging.getLogger(__name__)
@@ -78,7 +78,6 @@ PARTS_DIR = "parts"
 PREDICTIONS_NAME = "predictions.csv"
 METRICS_NAME = "metrics.json"
 INPUTS_NAME = "inputs.json"
-RUN_ID_NAME = "mlflow_run.json"
 LABEL_COLUMNS = ("effusion", "sex")
 VALUE_COLUMNS = ("p_orig", "p_simpl", "bpd_orig", "bpd_simpl", "bits_saved")
 PART_COLUMNS = ("study_id", "split", *LABEL_COLUMNS, *VALUE_COLUMNS)

@@ -27,7 +27,13 @@ from pipeline.data.ingest import IngestConfig, ingest
 from pipeline.data.manifest import read_manifest
 from pipeline.prior import load_prior
 from pipeline.prior.train import PriorConfig
-from pipeline.runtime.tracking import PARENT_RUN_ENV, Tracker, TrackingConfig, resolve_tracking_uri
+from pipeline.runtime.tracking import (
+    PARENT_RUN_ENV,
+    RUN_ID_NAME,
+    Tracker,
+    TrackingConfig,
+    resolve_tracking_uri,
+)
 from pipeline.simplebits.audit import AuditConfig, ClassifierSpec
 from pipeline.simplebits.joint import JointConfig
 from pipeline.simplebits.outcomes import IndependentConfig
@@ -161,7 +167,7 @@ def run_pipeline(config: RunConfig) -> dict[str, Any]:
 
     # resumed after a kill: the parent run (and with it every stage run) continues where it stopped
     with tracker.run("simplebits-pipeline", params=config.model_dump(mode="json"),
-                     resume_file=folder.root / "mlflow_run.json") as parent:
+                     resume_file=folder.root / RUN_ID_NAME) as parent:
         # Every stage builds its own Tracker; these make them log to this run's store, nested under the parent.
         with _environment({"MLFLOW_TRACKING_URI": uri, PARENT_RUN_ENV: parent.run_id}):
             _run_stages(config, folder, tracker, timings, summary)

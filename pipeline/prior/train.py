@@ -35,14 +35,13 @@ from pipeline.prior.data import PriorDataConfig, PriorImageSampler, build_bank, 
 from pipeline.runtime.device import autocast
 from pipeline.runtime.distributed import barrier, init_distributed, shard
 from pipeline.runtime.seeding import seed_everything
-from pipeline.runtime.tracking import Tracker, TrackingConfig
+from pipeline.runtime.tracking import RUN_ID_NAME, Tracker, TrackingConfig
 from pipeline.training.engine import Engine, StepContext, score_batches
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT_NAME = "checkpoint.pt"
 PRIOR_NAME = "prior"
-RUN_ID_NAME = "mlflow_run.json"  # the run's MLflow run, reopened when a killed run resumes
 VALIDATION_SEED_OFFSET = 1_000_003  # validation images come from a stream no training step uses
 
 

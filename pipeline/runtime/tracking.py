@@ -57,6 +57,9 @@ RESUMED_FROM_STATUS_TAG = "resumed_from_status"
 _RUN_ID = re.compile(r"[A-Za-z0-9_-]{1,256}")
 
 
+RUN_ID_NAME = "mlflow_run.json"  # in a stage's output folder: its run, reopened when a killed run resumes
+
+
 class TrackingConfig(StrictModel):
     """The ``tracking`` section every command's config shares."""
 

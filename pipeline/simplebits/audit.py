@@ -56,7 +56,7 @@ from pipeline.runtime.atomic import atomic_write_npy, atomic_write_text
 from pipeline.runtime.device import autocast, pick_device
 from pipeline.runtime.distributed import init_distributed, is_main_process, world_info
 from pipeline.runtime.seeding import seed_everything
-from pipeline.runtime.tracking import Tracker, null_tracker
+from pipeline.runtime.tracking import RUN_ID_NAME, Tracker, null_tracker
 from pipeline.simplebits.evaluate import (
     MappedImages,
     as_float_images,
@@ -84,7 +84,6 @@ from pipeline.simplebits.outcomes import (
     writes_done,
 )
 from pipeline.training.classifier import (
-    RUN_ID_NAME,
     AugmentConfig,
     TrackingConfig,
     check_task,

@@ -65,7 +65,7 @@ from pipeline.runtime.distributed import (
     all_reduce_mean, all_reduce_sum, barrier, broadcast_object, init_distributed, rank_range, world_info,
 )
 from pipeline.runtime.seeding import seed_everything
-from pipeline.runtime.tracking import Tracker, null_tracker
+from pipeline.runtime.tracking import RUN_ID_NAME, Tracker, null_tracker
 from pipeline.simplebits.evaluate import MappedImages, as_float_images, deterministic_bpd
 from pipeline.training.classifier import TrackingConfig, check_task, fitting_batch_size, predict_proba
 from pipeline.training.engine import Engine, StepContext, stream_seed
@@ -74,7 +74,6 @@ from pipeline.training.schedules import cosine_decay
 log = logging.getLogger(__name__)
 
 CHECKPOINT_NAME = "checkpoint.pt"
-RUN_ID_NAME = "mlflow_run.json"  # the lam run's MLflow run, reopened when a killed run resumes
 
 
 class ConvNetConfig(StrictModel):

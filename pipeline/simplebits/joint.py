@@ -69,7 +69,7 @@ from pipeline.runtime.distributed import (
     world_info,
 )
 from pipeline.runtime.seeding import seed_everything
-from pipeline.runtime.tracking import Tracker
+from pipeline.runtime.tracking import RUN_ID_NAME, Tracker
 from pipeline.simplebits.evaluate import classification_summary, deterministic_bpd
 from pipeline.simplebits.outcomes import (
     IndependentConfig,
@@ -100,7 +100,6 @@ from pipeline.training.engine import Engine, StepContext, score_batches
 log = logging.getLogger(__name__)
 
 CHECKPOINT_NAME = "checkpoint.pt"
-RUN_ID_NAME = "mlflow_run.json"  # the run's MLflow run, reopened (one metric series) after a kill
 SIMPLIFIED_DIR = "simplified"  # store of the reported splits' simplified images (read by the report)
 SIMPLIFIED_TRAIN_DIR = "simplified_train"  # scratch store for retrain-on-simplified, removed after use
 

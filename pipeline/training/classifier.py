@@ -39,7 +39,7 @@ from pipeline.runtime.atomic import atomic_write_text
 from pipeline.runtime.device import autocast, pick_device
 from pipeline.runtime.distributed import init_distributed, world_info
 from pipeline.runtime.seeding import seed_everything
-from pipeline.runtime.tracking import Tracker, TrackingConfig, null_tracker
+from pipeline.runtime.tracking import RUN_ID_NAME, Tracker, TrackingConfig, null_tracker
 from pipeline.training.engine import Engine, StepContext, score_batches
 from pipeline.training.schedules import cosine_decay
 
@@ -47,7 +47,6 @@ log = logging.getLogger(__name__)
 
 TASKS = ("effusion", "sex")
 CHECKPOINT_NAME = "checkpoint.pt"
-RUN_ID_NAME = "mlflow_run.json"  # the stage's MLflow run, resumed (one metric series) after a kill
 
 
 class ModelConfig(StrictModel):
