@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from pipeline.errors import UserError
 from pipeline.runtime.atomic import atomic_write_text
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
@@ -29,7 +30,7 @@ class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A config file or override that cannot be applied."""
 
 

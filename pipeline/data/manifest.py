@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from pipeline.errors import UserError
 from pipeline.runtime.atomic import atomic_path
 
 log = logging.getLogger(__name__)
@@ -48,7 +49,7 @@ _PATIENT_ID = re.compile(r"^pat-[0-9a-f]{8,64}$")
 _STRING_COLUMNS = ("study_id", "patient_id", "image_path", "view", "sex", "split", "source")
 
 
-class ManifestError(ValueError):
+class ManifestError(UserError):
     """A manifest or label file that breaks the schema; the message names the file and the reason."""
 
 
