@@ -1,9 +1,17 @@
-"""The simplified image as a DICOM Secondary Capture in the original study (highdicom).
+"""The simplified image as a DICOM Secondary Capture, one new series per source study (highdicom).
 
-The new instance joins the source study (same StudyInstanceUID) as a new series whose description
-says it is a research output, so that a PACS/OHIF shows it next to the original. Patient identity is
-copied from the source only when the user allows it; by default the patient pseudonym replaces
-PatientID/PatientName and the birth date and accession number are left empty.
+Two consistent layouts, chosen by ``allow_identity``:
+
+* **identity allowed**: the series joins the source study, with the source's patient and study
+  modules and UIDs, so a clinical PACS files it next to the original;
+* **de-identified** (default): the source is de-identified (:mod:`pipeline.io.dicom_deid`) into a
+  new study under the patient pseudonym, and that study holds both the de-identified original and the
+  simplified series, so a research PACS shows them side by side.
+
+Either way the Secondary Capture names the image it was derived from (Source Image Sequence; in the
+de-identified layout, the de-identified original's UID). Its own UIDs are keyed hashes of the source
+UIDs, the layout and the simplifier run's name, so a re-run rewrites the same instances instead of
+adding new ones.
 
 Pixels arrive as ``H x W`` uint8 in true radiographic orientation (rows x columns, patient right on
 the viewer's left, head up; see ARCHITECTURE.md), so they are written as they are, MONOCHROME2.
@@ -12,101 +20,115 @@ the viewer's left, head up; see ARCHITECTURE.md), so they are written as they ar
 from __future__ import annotations
 
 import io
+import logging
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pydicom
+from pydicom.dataset import Dataset
+from pydicom.sequence import Sequence
+from pydicom.sr.codedict import codes
 
+from pipeline.io.dicom_deid import (
+    declares_no_burned_in_text, deidentify, mark_deidentified, pseudonymous_uid, remove_dates,
+)
 from pipeline.runtime.atomic import atomic_write_bytes
+
+log = logging.getLogger(__name__)
 
 SERIES_DESCRIPTION = "SimpleBits simplified - research, not for diagnosis"
 MANUFACTURER = "SimpleBits-CXR"
 DEFAULT_SERIES_NUMBER = 9901
+DEFAULT_OUTPUT_NAME = "simplified"
+SIMPLIFIED_FILE, ORIGINAL_FILE = "simplified.dcm", "original.dcm"
 #: Displayed orientation of every in-memory image: columns toward patient Left, rows toward Feet.
 PATIENT_ORIENTATION = ("L", "F")
-#: Identifying attributes that highdicom copies from the source and that are blanked by default.
-_BLANKED_WITHOUT_IDENTITY = ("PatientBirthDate", "AccessionNumber", "ReferringPhysicianName")
+
+
+class StudySeries(NamedTuple):
+    """What one source study gained: the Secondary Capture, and the de-identified original if written."""
+
+    simplified: Path
+    original: Path | None
 
 
 def build_secondary_capture(
-    source: pydicom.Dataset,
+    source: Dataset,
     pixels: np.ndarray,
     patient_pseudonym: str,
     allow_identity: bool = False,
-    series_instance_uid: str | None = None,
+    output_name: str = DEFAULT_OUTPUT_NAME,
     series_number: int = DEFAULT_SERIES_NUMBER,
-    instance_number: int = 1,
     source_name: str = "source",
-) -> pydicom.Dataset:
-    """A Secondary Capture of ``pixels`` (``H x W`` uint8) in ``source``'s study.
-
-    ``source_name`` only labels error messages (a file name, never an identifier).
-    """
-    from highdicom import UID
+) -> Dataset:
+    """A Secondary Capture of ``pixels`` (``H x W`` uint8), alone in a new series of ``source``'s study
+    (or of its de-identified study). ``source_name`` only labels error messages (a file name, never an
+    identifier)."""
     from highdicom.sc import SCImage
 
-    if pixels.ndim != 2 or pixels.dtype != np.uint8:
-        raise ValueError(f"{source_name}: expected an H x W uint8 image, got shape {pixels.shape} dtype {pixels.dtype}")
-    rows, cols = int(getattr(source, "Rows", 0) or 0), int(getattr(source, "Columns", 0) or 0)
-    if rows and cols and rows != cols and pixels.shape[0] != pixels.shape[1]:
-        # Both non-square: portrait/landscape must agree, or rows and columns were swapped somewhere.
-        if (rows > cols) != (pixels.shape[0] > pixels.shape[1]):
-            raise ValueError(
-                f"{source_name}: image {pixels.shape} (rows x cols) is transposed relative to the "
-                f"source ({rows} x {cols}); images must be in true orientation"
-            )
-    if "StudyInstanceUID" not in source:
-        raise ValueError(f"{source_name}: source DICOM has no StudyInstanceUID; cannot place the image in its study")
+    _check_orientation(source, pixels, source_name)
+    try:
+        study = source if allow_identity else deidentify(source, patient_pseudonym)
+    except ValueError as err:
+        raise ValueError(f"{source_name}: {err}; cannot place the image in its study") from err
+    # Keyed on the source UIDs and the layout: a re-run rewrites the same instances, while the two
+    # layouts never share a series or instance UID (one series in two studies would confuse a PACS).
+    layout = "identified" if allow_identity else "deidentified"
     image = SCImage.from_ref_dataset(
-        ref_dataset=source,
+        ref_dataset=study,
         pixel_array=pixels,
         photometric_interpretation="MONOCHROME2",
         bits_allocated=8,
         coordinate_system="PATIENT",
-        series_instance_uid=series_instance_uid or UID(),
+        series_instance_uid=pseudonymous_uid(source.StudyInstanceUID, "series", layout, output_name),
         series_number=series_number,
-        sop_instance_uid=UID(),
-        instance_number=instance_number,
+        sop_instance_uid=pseudonymous_uid(source.SOPInstanceUID, "instance", layout, output_name),
+        instance_number=1,
         manufacturer=MANUFACTURER,
         patient_orientation=PATIENT_ORIENTATION,
     )
     image.SeriesDescription = SERIES_DESCRIPTION
     image.ImageComments = "Derived by SimpleBits simplification. Research output, not for diagnosis."
-    image.BurnedInAnnotation = "NO"
+    image.DerivationDescription = "SimpleBits simplification of the source image"
+    image.SourceImageSequence = Sequence([_source_reference(study)])
+    # Type 2C in General Series: required for paired body parts; empty (unknown) unless the source says.
+    image.Laterality = source.get("Laterality", "")
+    # The pixels come from the source's: they carry its burned-in text, if any (unknown counts as some).
+    image.BurnedInAnnotation = "NO" if declares_no_burned_in_text(source) else "YES"
     if not allow_identity:
-        image.PatientID = patient_pseudonym
-        image.PatientName = patient_pseudonym
-        for keyword in _BLANKED_WITHOUT_IDENTITY:
-            if keyword in image:
-                setattr(image, keyword, "")
-        image.PatientIdentityRemoved = "YES"
+        mark_deidentified(image)
+        # When highdicom made the file (creation, content, contribution): dates like any other.
+        remove_dates(image)
     return image
 
 
-def write_secondary_capture(
+def write_study_series(
     source_path: str | Path,
     pixels: np.ndarray,
-    out_path: str | Path,
+    study_dir: str | Path,
     patient_pseudonym: str,
     allow_identity: bool = False,
-    series_instance_uid: str | None = None,
-    series_number: int = DEFAULT_SERIES_NUMBER,
-    instance_number: int = 1,
-) -> Path:
-    """Read the source header (no pixels), build the Secondary Capture, write it atomically."""
-    source_path = Path(source_path)
+    output_name: str = DEFAULT_OUTPUT_NAME,
+) -> StudySeries:
+    """``STUDY_DIR/simplified.dcm`` and, de-identified and only when the source declares no burned-in
+    text (the Basic Profile has no pixel cleaning here), ``STUDY_DIR/original.dcm``; written atomically."""
+    source_path, study_dir = Path(source_path), Path(study_dir)
+    # The pixels are read only to copy them into the de-identified original.
     try:
-        source = pydicom.dcmread(source_path, stop_before_pixels=True)
+        source = pydicom.dcmread(source_path, stop_before_pixels=allow_identity)
     except (OSError, pydicom.errors.InvalidDicomError) as err:
         raise ValueError(f"{source_path}: cannot read source DICOM ({err})") from err
-    image = build_secondary_capture(
-        source, pixels, patient_pseudonym, allow_identity, series_instance_uid, series_number,
-        instance_number, source_name=source_path.name,
-    )
-    buffer = io.BytesIO()
-    image.save_as(buffer, enforce_file_format=True)
-    atomic_write_bytes(out_path, buffer.getvalue())
-    return Path(out_path)
+    image = build_secondary_capture(source, pixels, patient_pseudonym, allow_identity, output_name,
+                                    source_name=source_path.name)
+    simplified = _save(image, study_dir / SIMPLIFIED_FILE)
+    if allow_identity:
+        return StudySeries(simplified, None)
+    if not declares_no_burned_in_text(source):
+        log.info("%s: source does not declare BurnedInAnnotation=NO; de-identified original not written",
+                 study_dir.name)
+        return StudySeries(simplified, None)
+    return StudySeries(simplified, _save(deidentify(source, patient_pseudonym), study_dir / ORIGINAL_FILE))
 
 
 def write_run_secondary_captures(
@@ -115,38 +137,68 @@ def write_run_secondary_captures(
     allow_identity: bool = False,
     out_dir: str | Path | None = None,
 ) -> list[Path]:
-    """One Secondary Capture per DICOM-sourced study of a simplification run.
+    """One new series per DICOM-sourced study of a simplification run; returns the Secondary Captures.
 
     Sources come from ``ingest/manifest.csv`` (``image_path`` absolute or relative to that file);
-    studies read from PNG/JPEG have no study to join and are skipped. All outputs of one call share
-    one new series. Written to ``RUN_DIR/dicom_sc/<study_id>.dcm`` (outside ``studies/``, which is
-    logged to MLflow, because these files may carry identity when ``allow_identity`` is set).
+    studies read from PNG/JPEG have no study to join and are skipped. Written to
+    ``RUN_DIR/dicom_sc/<study_id>/`` (outside ``studies/``, which is logged to MLflow, because these
+    files carry identity when ``allow_identity`` is set).
     """
     import pandas as pd
-    from highdicom import UID
+
+    from pipeline.data.store import CohortStore
+    from pipeline.report.study import read_predictions
 
     run_dir = Path(run_dir)
     manifest_path = run_dir / "ingest" / "manifest.csv"
     if not manifest_path.is_file():
         raise FileNotFoundError(f"{manifest_path}: ingest manifest not found")
     manifest = pd.read_csv(manifest_path, dtype=str, keep_default_na=False)
-    from pipeline.data.store import CohortStore
-    from pipeline.report.study import read_predictions
-
     sim_dir = run_dir / "simplify" / simplify_name
     simplified = CohortStore.open(sim_dir / "simplified")
     done = set(read_predictions(sim_dir / "predictions.csv")["study_id"])  # the slots holding pixels
     out_dir = Path(out_dir) if out_dir else run_dir / "dicom_sc"
-    series_uid = UID()
     written = []
-    for number, row in enumerate(manifest.itertuples(index=False), start=1):
+    for row in manifest.itertuples(index=False):
         source = Path(row.image_path)
         source = source if source.is_absolute() else manifest_path.parent / source
         if row.study_id not in done or not source.is_file() or not pydicom.misc.is_dicom(source):
             continue
         pixels = simplified.read([simplified.slot(row.study_id)])[0]
-        written.append(write_secondary_capture(
-            source, pixels, out_dir / f"{row.study_id}.dcm", row.patient_id, allow_identity,
-            series_instance_uid=series_uid, instance_number=number,
-        ))
+        series = write_study_series(source, pixels, out_dir / row.study_id, row.patient_id, allow_identity,
+                                    output_name=simplify_name)
+        written.append(series.simplified)
     return written
+
+
+def _check_orientation(source: Dataset, pixels: np.ndarray, source_name: str) -> None:
+    if pixels.ndim != 2 or pixels.dtype != np.uint8:
+        raise ValueError(
+            f"{source_name}: expected an H x W uint8 image, got shape {pixels.shape} dtype {pixels.dtype}")
+    rows, cols = int(getattr(source, "Rows", 0) or 0), int(getattr(source, "Columns", 0) or 0)
+    if rows and cols and rows != cols and pixels.shape[0] != pixels.shape[1]:
+        # Both non-square: portrait/landscape must agree, or rows and columns were swapped somewhere.
+        if (rows > cols) != (pixels.shape[0] > pixels.shape[1]):
+            raise ValueError(
+                f"{source_name}: image {pixels.shape} (rows x cols) is transposed relative to the "
+                f"source ({rows} x {cols}); images must be in true orientation"
+            )
+
+
+def _source_reference(study: Dataset) -> Dataset:
+    """A Source Image Sequence item: the instance the simplified image was computed from."""
+    from highdicom.sr import CodedConcept
+
+    item = Dataset()
+    item.ReferencedSOPClassUID = study.SOPClassUID
+    item.ReferencedSOPInstanceUID = study.SOPInstanceUID
+    item.PurposeOfReferenceCodeSequence = [CodedConcept.from_code(
+        codes.DCM.SourceImageForImageProcessingOperation)]
+    return item
+
+
+def _save(dataset: Dataset, path: Path) -> Path:
+    buffer = io.BytesIO()
+    dataset.save_as(buffer, enforce_file_format=True)
+    atomic_write_bytes(path, buffer.getvalue())
+    return path

@@ -103,12 +103,11 @@ def test_no_identifier_in_any_output(tmp_path, caplog, capsys, monkeypatch):
     for where, data in texts.items():
         for secret in secrets():
             assert secret not in data, f"{secret!r} found in {where}"
-        if not where.startswith("dicom_sc"):  # the Secondary Capture belongs to the study by design
-            for uid in study_uids:
-                assert uid.encode() not in data, f"StudyInstanceUID found in {where}"
-    # The Secondary Captures are in the right studies and carry the pseudonym instead of the identity.
-    captures = sorted((run / "dicom_sc").glob("*.dcm"))
+        for uid in study_uids:
+            assert uid.encode() not in data, f"StudyInstanceUID found in {where}"
+    # The Secondary Captures are in new, de-identified studies and carry the pseudonym instead of the identity.
+    captures = sorted((run / "dicom_sc").glob("*/simplified.dcm"))
     assert len(captures) == len(study_uids)
     for path in captures:
         sc = pydicom.dcmread(path)
-        assert sc.StudyInstanceUID in study_uids and sc.PatientID.startswith("pat-")
+        assert sc.StudyInstanceUID not in study_uids and sc.PatientID.startswith("pat-")
