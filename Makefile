@@ -7,11 +7,11 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 RUN    ?= reports/demo
 
-.PHONY: install demo test browser clean-demo
+.PHONY: install demo test browser dicom3tools clean-demo
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
 	# Exact torch pin first: on a CPU machine this is the local CPU wheel, never a multi-GB CUDA build.
 	$(BIN)/pip install torch==2.13.0
@@ -31,7 +31,12 @@ browser:
 	@command -v chromium >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null) \
 	  || echo "chromium could not be installed; browser tests will be skipped"
 
-test: install browser
+# Debian's dicom3tools: its dciodvfy validates the Secondary Captures against the DICOM standard.
+dicom3tools:
+	@command -v dciodvfy >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq dicom3tools >/dev/null) \
+	  || echo "dicom3tools could not be installed; the dciodvfy test will be skipped"
+
+test: install browser dicom3tools
 	OMP_NUM_THREADS=2 $(BIN)/python -m pytest -q
 
 clean-demo:

@@ -12,3 +12,10 @@ USER_ERROR_EXIT = 2
 
 class UserError(ValueError):
     """A mistake in the user's input; the message alone must tell them what to fix."""
+
+
+class PathNotFoundError(UserError, FileNotFoundError):
+    """A file or folder the user named (or a step's output they pointed to) does not exist.
+
+    Still a :class:`FileNotFoundError`, so code that handles a missing file keeps working.
+    """

@@ -1,10 +1,16 @@
-"""The whole pipeline in one command (``simplebits run``): demo cohort → ingest → prior → classifiers
-→ SimpleBits (joint and audit) → reports, all tracked under one MLflow parent run.
+"""The whole pipeline in one command (``simplebits run``): cohort (the demo, or the user's manifest) →
+ingest → prior → classifiers → SimpleBits (joint and audit) → reports, all tracked under one MLflow
+parent run.
 
 Each stage is the same function its own subcommand calls, writes into its folder of the run
 (ARCHITECTURE.md), and is skipped when its outputs already exist, so an interrupted run resumes
 where it stopped. Stage configs are sections of one :class:`RunConfig`; the fully resolved config is
 written to the run folder before anything runs.
+
+The data source is part of the config: the rendered demo cohort (``manifest: null``) or any cohort
+manifest (``simplebits manifest``). Only the demo has ground truth (``cohort/masks``), so only its
+runs get the stages that need it: ground-truth retention and the shortcut flag. Everything else runs
+on any cohort.
 """
 
 from __future__ import annotations
@@ -15,18 +21,21 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import pandas as pd
+from pydantic import model_validator
 
 from pipeline.config import StrictModel, save_resolved_config
 from pipeline.data.demo.cohort import DemoCohortConfig, generate_cohort
 from pipeline.data.ingest import IngestConfig, ingest
 from pipeline.data.manifest import read_manifest
+from pipeline.errors import UserError
 from pipeline.prior import load_prior
 from pipeline.prior.train import PriorConfig
+from pipeline.run_folder import RunFolder
 from pipeline.runtime.tracking import (
     PARENT_RUN_ENV,
     RUN_ID_NAME,
@@ -37,22 +46,19 @@ from pipeline.runtime.tracking import (
 from pipeline.simplebits.audit import AuditConfig, ClassifierSpec
 from pipeline.simplebits.joint import JointConfig
 from pipeline.simplebits.outcomes import IndependentConfig
+from pipeline.tasks import (
+    DEFAULT_TASKS,
+    TaskDefinitions,
+    TaskSpec,
+    check_task_name,
+    get_task,
+    merge_settings,
+    registered,
+    task_labels,
+)
 from pipeline.training.classifier import ClassifyConfig
 
 log = logging.getLogger(__name__)
-
-Task = Literal["effusion", "sex"]
-TaskSection = Literal["classify", "independent", "joint", "audit"]
-
-# The NF-WRN hardly learns the demo cohort's sex feature (soft breast shadows): a batch-free GroupNorm
-# ResNet does, checked by a network of another architecture, and audited with a tighter evidence gate
-# (configs/run.yaml explains each value).
-SEX_OVERRIDES: dict[str, dict[str, dict[str, Any]]] = {"sex": {
-    "classify": {"model": {"name": "monai_resnet18_gn", "kwargs": {}},
-                 "train": {"lr": 5e-3, "lr_schedule": "cosine"}},
-    "independent": {"model": {"name": "monai_densenet121", "kwargs": {"init_features": 16, "growth_rate": 8}}},
-    "audit": {"audit": {"lam": 0.5, "tau": 0.01}},
-}}
 
 
 class PriorStageConfig(StrictModel):
@@ -63,16 +69,21 @@ class PriorStageConfig(StrictModel):
 
 
 class ReportStageConfig(StrictModel):
-    simplify: str = "audit-effusion"  # the simplification run whose studies get panels and the cohort report
-    dicom_secondary_capture: bool = True
+    # the simplification run whose studies get panels and the cohort report, <setting>-<task>;
+    # None: the audit of the first task (joint training of the first joint task if no audit ran)
+    simplify: str | None = None
+    dicom_secondary_capture: bool = True  # where sources are DICOM (JPEG/PNG have no study to join)
     allow_identity: bool = False  # copy patient identity into the Secondary Captures (off: pseudonyms)
 
 
 class RunConfig(StrictModel):
     out: str = "reports/demo"
-    tasks: list[Task] = ["effusion", "sex"]  # classifiers and audits
-    joint_tasks: list[Task] = ["effusion", "sex"]
-    cohort: DemoCohortConfig = DemoCohortConfig()
+    # the cohort: a manifest CSV (simplebits manifest), or None to render the demo cohort (``cohort``)
+    manifest: str | None = None
+    # task names of the registry (pipeline/tasks.py) or of task_definitions below
+    tasks: list[str] = list(DEFAULT_TASKS)  # classifiers and audits
+    joint_tasks: list[str] = list(DEFAULT_TASKS)
+    cohort: DemoCohortConfig = DemoCohortConfig()  # the demo cohort, used without a manifest
     ingest: IngestConfig = IngestConfig()
     prior: PriorStageConfig = PriorStageConfig()
     classify: ClassifyConfig = ClassifyConfig()
@@ -81,53 +92,42 @@ class RunConfig(StrictModel):
     independent: IndependentConfig = IndependentConfig()
     joint: JointConfig = JointConfig()
     audit: AuditConfig = AuditConfig()
-    # per-task deviations from the four sections above, merged in for that task only, e.g.
-    # {sex: {classify: {model: {name: monai_resnet18_gn}}}}; joint training always uses the task's
-    # classify.model, since it starts from that classifier's weights
-    task_overrides: dict[Task, dict[TaskSection, dict[str, Any]]] = SEX_OVERRIDES
+    # tasks beyond the registry's, or changes to a registered task (merged onto it), e.g.
+    # {sex: {settings: {audit: {audit: {lam: 1.0}}}}} or {edema_u1: {column: edema, uncertain: positive}}.
+    # Per-task stage settings live in the task (pipeline/tasks.py, TaskSpec.settings): for_task merges
+    # them into the four sections above; joint training always uses the task's classify.model, since it
+    # starts from that classifier's weights
+    task_definitions: TaskDefinitions = {}
     report: ReportStageConfig = ReportStageConfig()
     tracking: TrackingConfig = TrackingConfig()
 
+    @model_validator(mode="after")
+    def _report_run_is_run(self) -> "RunConfig":
+        # checked before anything runs, not after an hour of training
+        if self.report.simplify:
+            setting, _, task = self.report.simplify.rpartition("-")
+            runs = {"audit": self.tasks, "joint": self.joint_tasks}
+            if task not in runs.get(setting, ()):
+                raise ValueError(f"report.simplify {self.report.simplify!r} is not a run of this config "
+                                 f"(audits: {list(self.tasks)}, joint: {list(self.joint_tasks)})")
+        return self
+
+    @model_validator(mode="after")
+    def _known_tasks(self) -> "RunConfig":
+        for name in (*self.tasks, *self.joint_tasks):
+            check_task_name(name, self.task_definitions)
+        return self
+
+    def task(self, task: str) -> TaskSpec:
+        """The task's definition: from ``task_definitions``, else the registry."""
+        return get_task(task, self.task_definitions)
+
     def for_task(self, task: str) -> "RunConfig":
-        """This config with ``task_overrides[task]`` merged into its sections (validated again)."""
-        merged = _merge_overrides(self.model_dump(), self.task_overrides.get(task, {}))
+        """This config with the task's settings (``TaskSpec.settings``) merged into its sections
+        (validated again)."""
+        merged = merge_settings(self.model_dump(), self.task(task).settings)
         merged["joint"]["classifier"] = merged["classify"]["model"]
         return RunConfig.model_validate(merged)
-
-
-def _merge_overrides(base: dict[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
-    """Nested merge, except that a mapping naming a network (a ``name`` key) replaces the old one whole:
-    another network's kwargs would not fit it."""
-    out = dict(base)
-    for key, value in update.items():
-        if isinstance(value, Mapping) and "name" not in value and isinstance(out.get(key), dict):
-            out[key] = _merge_overrides(out[key], value)
-        else:
-            out[key] = value
-    return out
-
-
-class RunFolder:
-    """Where each stage of one run writes (ARCHITECTURE.md, "Run folder")."""
-
-    def __init__(self, root: str | Path) -> None:
-        self.root = Path(root)
-        self.cohort = self.root / "cohort"
-        self.ingest = self.root / "ingest"
-        self.prior = self.root / "prior"
-
-    def classifier(self, task: str) -> Path:
-        return self.root / "classifier" / task
-
-    def independent(self, task: str) -> Path:
-        return self.root / "classifier" / f"{task}-independent"
-
-    def simplify(self, setting: str, task: str) -> Path:
-        return self.root / "simplify" / f"{setting}-{task}"
-
-    @property
-    def prior_weights(self) -> Path:
-        return self.prior / "prior.safetensors"
 
 
 @contextlib.contextmanager
@@ -156,6 +156,7 @@ def _stage(name: str, timings: dict[str, float]) -> Iterator[None]:
 
 def run_pipeline(config: RunConfig) -> dict[str, Any]:
     """Run (or resume) every stage; returns a summary with stage timings and headline metrics."""
+    check_manifest(config)  # before anything is written or trained
     folder = RunFolder(config.out)
     folder.root.mkdir(parents=True, exist_ok=True)
     save_resolved_config(config, folder.root)
@@ -170,27 +171,60 @@ def run_pipeline(config: RunConfig) -> dict[str, Any]:
                      resume_file=folder.root / RUN_ID_NAME) as parent:
         # Every stage builds its own Tracker; these make them log to this run's store, nested under the parent.
         with _environment({"MLFLOW_TRACKING_URI": uri, PARENT_RUN_ENV: parent.run_id}):
-            _run_stages(config, folder, tracker, timings, summary)
+            with registered(config.task_definitions):  # the stages look tasks up by name
+                _run_stages(config, folder, tracker, timings, summary)
         tracker.log_metrics({f"stage_seconds_{k}": v for k, v in timings.items()})
     summary["stage_seconds"] = timings
     return summary
 
 
+def check_manifest(config: RunConfig) -> None:
+    """A user's manifest exists and has the columns every task reads (the demo's always has them)."""
+    if not config.manifest:
+        return
+    path = Path(config.manifest)
+    if not path.is_file():
+        raise UserError(f"{path}: manifest not found (build one with simplebits manifest)")
+    columns = set(pd.read_csv(path, nrows=0).columns)
+    for name in dict.fromkeys([*config.tasks, *config.joint_tasks]):
+        missing = [c for c in config.task(name).columns if c not in columns]
+        if missing:
+            raise UserError(f"{path}: task {name!r} needs column(s) {missing}, which this manifest lacks "
+                            "(a dataset without that label, or a manifest built before it was mapped)")
+
+
+def cohort_manifest(config: RunConfig, folder: RunFolder) -> Path:
+    """The manifest ingest reads: the user's, or the demo cohort's in the run folder."""
+    return Path(config.manifest) if config.manifest else folder.cohort / "manifest.csv"
+
+
+def ground_truth_masks(config: RunConfig, folder: RunFolder) -> Path | None:
+    """The demo cohort's masks, for the stages that need ground truth; None for a manifest's cohort
+    (masks left in the folder by an earlier demo run do not belong to it)."""
+    return None if config.manifest else folder.masks
+
+
 def _run_stages(config: RunConfig, folder: RunFolder, tracker: Tracker, timings: dict[str, float],
                 summary: dict[str, Any]) -> None:
-    with _stage("cohort", timings):
-        generate_cohort(config.cohort, folder.cohort)
-        tracker.log_dataset(read_manifest(folder.cohort / "manifest.csv"), "demo-cohort", context="cohort",
-                            targets="effusion")
+    manifest = cohort_manifest(config, folder)
+    if config.manifest is None:
+        with _stage("cohort", timings):
+            generate_cohort(config.cohort, folder.cohort)
+    # without image_path: real datasets' paths embed their patient and study identifiers
+    cohort = read_manifest(manifest).drop(columns=["image_path"])
+    target = config.task(config.tasks[0]).column if config.tasks else None
+    tracker.log_dataset(cohort, "demo-cohort" if config.manifest is None else "manifest", context="cohort",
+                        targets=target if target in cohort.columns else None)
+    masks = ground_truth_masks(config, folder)
 
     with _stage("ingest", timings):
-        ingest_config = config.ingest.model_copy(
-            update={"manifest": str(folder.cohort / "manifest.csv"), "out": str(folder.ingest)})
+        ingest_config = config.ingest.model_copy(update={"manifest": str(manifest), "out": str(folder.ingest)})
         result = ingest(ingest_config)
         summary["ingest"] = {"ok": result.ok, "error": result.error, "total": result.total}
 
     with _stage("prior", timings):
-        summary["prior"] = _prior_stage(config.prior, folder, tracker)
+        summary["prior"] = _prior_stage(config.prior, folder, tracker,
+                                        labels=[*config.tasks, *config.joint_tasks])
 
     prior_path = str(folder.prior_weights)
     for task in config.tasks:
@@ -220,7 +254,7 @@ def _run_stages(config: RunConfig, folder: RunFolder, tracker: Tracker, timings:
     def independent(task: str) -> IndependentConfig:
         if not trained_here(task):
             return config.for_task(task).independent
-        return IndependentConfig(path=str(folder.independent(task) / "model.safetensors"))
+        return IndependentConfig(path=str(folder.independent_weights(task)))
 
     for task in config.joint_tasks:
         with _stage(f"joint-{task}", timings):
@@ -228,13 +262,13 @@ def _run_stages(config: RunConfig, folder: RunFolder, tracker: Tracker, timings:
 
             # Starting from the trained classifier lets the bpd gate open from the first epochs, which
             # is what makes joint training fit the CPU budget (from scratch it barely simplifies).
-            init = folder.classifier(task) / "model.safetensors"
+            init = folder.classifier_weights(task)
             joint = config.for_task(task).joint
             joint_config = joint.model_copy(update={
                 "task": task, "prior": prior_path, "independent": independent(task),
                 "classifier_init": str(init) if init.is_file() else joint.classifier_init})
             summary[f"joint_{task}"] = [_scalars(s) for s in run_joint(
-                folder.ingest, folder.simplify("joint", task), joint_config, mask_dir=folder.cohort / "masks")]
+                folder.ingest, folder.simplify("joint", task), joint_config, mask_dir=masks)]
 
     for task in config.tasks:
         with _stage(f"audit-{task}", timings):
@@ -242,17 +276,20 @@ def _run_stages(config: RunConfig, folder: RunFolder, tracker: Tracker, timings:
 
             audit_config = config.for_task(task).audit.model_copy(update={
                 "task": task, "prior": prior_path, "independent": independent(task),
-                "classifiers": [ClassifierSpec(path=str(folder.classifier(task) / "model.safetensors"))],
+                "classifiers": [ClassifierSpec(path=str(folder.classifier_weights(task)))],
             })
             summary[f"audit_{task}"] = _scalars(audit_command(
-                folder.ingest, folder.simplify("audit", task), audit_config, mask_dir=folder.cohort / "masks"))
+                folder.ingest, folder.simplify("audit", task), audit_config, mask_dir=masks))
 
     with _stage("reports", timings):
-        _report_stage(config, folder, tracker)
+        summary["report"] = _report_stage(config, folder, tracker)
 
 
-def _prior_stage(config: PriorStageConfig, folder: RunFolder, tracker: Tracker) -> dict[str, Any]:
-    """The run's prior (shipped, or fine-tuned on the cohort) and its per-study bpd table."""
+def _prior_stage(config: PriorStageConfig, folder: RunFolder, tracker: Tracker,
+                 labels: Iterable[str] = ()) -> dict[str, Any]:
+    """The run's prior (shipped, or fine-tuned on the cohort) and its per-study bpd table (carrying the
+    label columns of the tasks ``labels``), with the mean bpd per label of each of those tasks, its
+    label policy applied (e.g. ``mean_bpd_effusion_1``, ``mean_bpd_sex_0``)."""
     from pipeline.prior import read_prior_info, save_prior
     from pipeline.prior.data import load_radiographs
     from pipeline.prior.evaluate import bpd_table
@@ -272,12 +309,15 @@ def _prior_stage(config: PriorStageConfig, folder: RunFolder, tracker: Tracker) 
     if not table_path.is_file():
         device = pick_device()
         images, frame = load_radiographs(folder.ingest)
-        bpd_table(load_prior(folder.prior_weights, device=device), images, frame, device=device).to_csv(
-            table_path, index=False)
+        bpd_table(load_prior(folder.prior_weights, device=device), images, frame, device=device,
+                  tasks=labels).to_csv(table_path, index=False)
     table = pd.read_csv(table_path)
-    by_label = table.groupby("effusion")["bpd"].mean()
-    metrics = {"mean_bpd": float(table["bpd"].mean()),
-               **{f"mean_bpd_effusion_{int(k)}": float(v) for k, v in by_label.items()}}
+    metrics = {"mean_bpd": float(table["bpd"].mean())}
+    for task in dict.fromkeys(labels):
+        if not set(get_task(task).columns) <= set(table.columns):  # a table of an earlier run's tasks
+            continue
+        for value, mean in table.groupby(task_labels(table, task))["bpd"].mean().items():  # unlabelled left out
+            metrics[f"mean_bpd_{task}_{_value_name(value)}"] = float(mean)
     with tracker.run("prior-bpd", params={"finetune": config.finetune}, tags={"stage": "prior"}):
         tracker.log_metrics(metrics)
         tracker.log_model_files("prior", [folder.prior_weights, folder.prior_weights.with_suffix(".json")])
@@ -285,21 +325,41 @@ def _prior_stage(config: PriorStageConfig, folder: RunFolder, tracker: Tracker) 
     return metrics
 
 
-def _report_stage(config: RunConfig, folder: RunFolder, tracker: Tracker) -> None:
+def _value_name(value: Any) -> str:
+    """A label value as a metric-name part: 1.0 -> "1", "M" -> "M"."""
+    return str(int(value)) if isinstance(value, float) and value.is_integer() else str(value)
+
+
+def report_simplification(config: RunConfig) -> str:
+    """The simplification run the report shows: the configured one, else the first task's audit, else
+    the first joint task's joint run."""
+    if config.report.simplify:
+        return config.report.simplify
+    if config.tasks:
+        return f"audit-{config.tasks[0]}"
+    if config.joint_tasks:
+        return f"joint-{config.joint_tasks[0]}"
+    raise UserError("report: no simplification run to show (tasks and joint_tasks are both empty)")
+
+
+def _report_stage(config: RunConfig, folder: RunFolder, tracker: Tracker) -> dict[str, Any]:
     from pipeline.report.html import write_run_cohort_report
     from pipeline.report.study import write_run_study_reports
 
-    name = config.report.simplify
+    name = folder.pick_simplification(report_simplification(config))
     write_run_study_reports(folder.root, name)
-    write_run_cohort_report(folder.root, name, sweep=_tradeoff_table(folder.root / "simplify" / name, name))
+    captures = None
     if config.report.dicom_secondary_capture:
         from pipeline.io.dicom_write import write_run_secondary_captures
 
-        write_run_secondary_captures(folder.root, name, allow_identity=config.report.allow_identity)
+        captures = write_run_secondary_captures(folder.root, name, allow_identity=config.report.allow_identity)
+    write_run_cohort_report(folder.root, name, sweep=_tradeoff_table(folder.root / "simplify" / name, name),
+                            secondary_captures=captures)
     tracker.log_study_reports(folder.root / "studies")
     tracker.log_artifact(folder.root / "cohort_report", "cohort_report")
     table = pd.read_parquet(folder.root / "cohort_report" / "studies.parquet")
     tracker.log_dataset(table, f"study-table-{name}", context="analysis")
+    return {"simplify": name, "secondary_captures": None if captures is None else len(captures)}
 
 
 def _tradeoff_table(sim_dir: Path, name: str) -> pd.DataFrame | None:

@@ -114,3 +114,15 @@ def transcode_with_gdcm(src: Path, dst: Path, syntax: str) -> Path:
     if not writer.Write():
         raise RuntimeError(f"gdcm cannot write {dst}")
     return dst
+
+
+@pytest.fixture(scope="session")
+def demo_renders(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small rendered demo cohort (60 studies, 64 px, burned-in marks independent of the label),
+    rendered once per session: the images and ground truth of the dataset-layout fixtures."""
+    from pipeline.data.demo.cohort import DemoCohortConfig, generate_cohort
+
+    out = tmp_path_factory.mktemp("demo_renders")
+    config = DemoCohortConfig(n=60, size=64, seed=3, distractor={"mode": "independent"}, render={"n_points": 48})
+    generate_cohort(config, out, show_progress=False)
+    return out

@@ -327,5 +327,30 @@ def test_cli_end_to_end_with_mlflow_and_model_guard(tmp_path, capsys):
     # other weights into the same folder would mix two models' results: refused
     other = tiny_models(seed=1)[1]
     save_classifier(other, paths["classifier"], "nf_cnn", {"widths": [4, 8]}, task="effusion")
-    with pytest.raises(ValueError, match="classifier.safetensors"):
-        main(args + ["--no-mlflow"])
+    assert main(args + ["--no-mlflow"]) == 2  # a user error: one line, exit status 2
+    assert "classifier.safetensors" in capsys.readouterr().err
+
+
+def test_part_tables_carry_the_label_columns_of_the_task(tmp_path):
+    from pipeline.inference import finished_ids, label_columns, part_columns, summarize
+    from pipeline.tasks import task_labels
+
+    ingest = make_ingest_dir(tmp_path)
+    manifest = pd.read_csv(ingest / "manifest.csv", dtype=str, keep_default_na=False)
+    manifest["cardiomegaly"] = ["1", "0", "-1", ""] * 2 + ["1", "0", "0"]  # raw codes, as a builder writes them
+    ingest = write_ingest_folder(tmp_path / "with-findings", manifest, load_cohort(ingest).images.load())
+    cohort = load_cohort(ingest)
+    labels = label_columns("cardiomegaly")
+    assert labels == ("effusion", "sex", "cardiomegaly") and label_columns(None) == ("effusion", "sex")
+    out = tmp_path / "apply"
+    apply_to_cohort(cohort, *tiny_models(alpha=1.0), out, batch_size=4, labels=labels)
+    predictions = merge_parts(out, cohort.study_ids, labels)
+    assert list(predictions.columns) == list(part_columns(labels))
+    assert predictions["cardiomegaly"].dtype == "Int64"
+    back = read_predictions(out / "predictions.csv")
+    assert list(back.columns) == list(predictions.columns)
+    expected = task_labels(manifest.set_index("study_id").loc[back["study_id"]], "cardiomegaly")
+    assert task_labels(back, "cardiomegaly").tolist() == pytest.approx(expected.tolist(), nan_ok=True)
+    assert summarize(back, "cardiomegaly", num_dims=SIZE * SIZE)["n_labelled"] == expected.notna().sum()
+    assert finished_ids(out, labels) == set(cohort.study_ids)
+    assert finished_ids(out) == set()  # rows of other label columns are not this run's: recomputed

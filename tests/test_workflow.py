@@ -119,9 +119,10 @@ def test_resolved_config_loads_back(tmp_path):
     assert config.prior.settings.init == "shipped"
 
 
-def test_task_overrides_apply_to_their_task_only(tmp_path):
+def test_task_settings_apply_to_their_task_only(tmp_path):
+    # a change to a registered task's settings (task_definitions) merges onto its registry entry
     config = load_config(RunConfig, default_config_path("run"),
-                         [f"out={tmp_path}", "task_overrides.sex.audit.audit.lam=2.5"])
+                         [f"out={tmp_path}", "task_definitions.sex.settings.audit.audit.lam=2.5"])
     sex, effusion = config.for_task("sex"), config.for_task("effusion")
     # a new network replaces the old spec whole (the NF-WRN's kwargs would not fit a ResNet) ...
     assert sex.classify.model.name == "monai_resnet18_gn" and sex.classify.model.kwargs == {}
@@ -129,17 +130,47 @@ def test_task_overrides_apply_to_their_task_only(tmp_path):
     # ... other settings merge, and joint training uses the task's classifier network
     assert sex.classify.train.lr_schedule == "cosine" and sex.classify.train.epochs == config.classify.train.epochs
     assert sex.joint.classifier == sex.classify.model
-    assert sex.audit.audit.lam == 2.5 and sex.audit.train == config.audit.train
+    assert sex.audit.audit.lam == 2.5 and sex.audit.audit.tau == 0.01 and sex.audit.train == config.audit.train
     assert effusion.classify == config.classify and effusion.audit == config.audit
     assert effusion.joint.classifier == config.classify.model
+    assert RunConfig(out=str(tmp_path)).for_task("sex").audit.audit.lam == 0.5  # the registry's own value
 
 
-def test_shipped_task_overrides_are_the_code_defaults(tmp_path):
-    shipped = load_config(RunConfig, default_config_path("run"), [f"out={tmp_path}"])
-    assert shipped.task_overrides == RunConfig().task_overrides
-    # the standalone config for sex trains the same classifier as the run does
+def test_standalone_commands_use_the_task_settings_of_the_run():
+    # one place for per-task settings: the registry; classify train --task sex needs no config file
+    from pipeline.simplebits.audit import AuditConfig
+    from pipeline.simplebits.joint import JointConfig
+    from pipeline.tasks import apply_stage_settings
     from pipeline.training.classifier import ClassifyConfig
 
-    sex = load_config(ClassifyConfig, default_config_path("classify_sex"), [])
-    run_sex = shipped.for_task("sex").classify
-    assert (sex.model, sex.train) == (run_sex.model, run_sex.train.model_copy(update={"max_minutes": None}))
+    run = RunConfig().for_task("sex")
+    assert apply_stage_settings(ClassifyConfig(task="sex"), "classify") == run.classify.model_copy(
+        update={"task": "sex"})
+    joint = apply_stage_settings(JointConfig(task="sex"), "joint")
+    assert joint.classifier == run.classify.model and joint.independent == run.independent
+    audit = apply_stage_settings(AuditConfig(task="sex"), "audit")
+    assert audit.audit == run.audit.audit and audit.independent == run.independent
+    assert apply_stage_settings(ClassifyConfig(), "classify") == ClassifyConfig()  # effusion: none
+
+
+def test_unknown_task_is_a_config_error(tmp_path):
+    from pipeline.config import ConfigError
+
+    with pytest.raises(ConfigError, match="unknown task 'cardiomegally'; known tasks: no_finding"):
+        load_config(RunConfig, default_config_path("run"), [f"out={tmp_path}", "tasks=[effusion,cardiomegally]"])
+    config = load_config(RunConfig, default_config_path("run"), [
+        f"out={tmp_path}", "tasks=[edema_u1]", "joint_tasks=[]",
+        "task_definitions={edema_u1: {column: edema, uncertain: positive}}"])
+    assert config.task("edema_u1").uncertain == "positive" and config.for_task("edema_u1").classify == config.classify
+
+
+@pytest.mark.slow
+def test_demo_keeps_its_ground_truth_checks_and_captures(tiny_run):
+    # the demo cohort is the one source with masks and DICOM files: retention, the shortcut flag and
+    # Secondary Captures stay on for it (a manifest's cohort: tests/test_workflow_manifest.py)
+    out, summary, _ = tiny_run
+    metrics = json.loads((out / "simplify" / "audit-effusion" / "metrics.json").read_text())
+    assert any("distractor_retention" in key for key in metrics) and any("shortcut" in key for key in metrics)
+    assert summary["report"]["simplify"] == "audit-effusion" and summary["report"]["secondary_captures"] > 0
+    page = (out / "cohort_report" / "index.html").read_text()
+    assert "written as DICOM Secondary Captures" in page and "No ground-truth checks" not in page

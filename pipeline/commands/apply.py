@@ -5,7 +5,10 @@ from __future__ import annotations
 import argparse
 import json
 
+from pipeline.classifier_args import add_classifier_arguments, adapter_overrides, classifier_kwargs
 from pipeline.config import add_config_arguments, config_from_args
+from pipeline.run_folder import add_run_argument, path_argument, run_default, run_folder
+from pipeline.tasks import task_argument
 
 DESCRIPTION = """\
 Simplify every study of an ingest folder (or one split) and score original and simplified images:
@@ -33,14 +36,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description=DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--ingest", required=True, help="ingest folder (from simplebits ingest)")
-    parser.add_argument("--simplifier", required=True, help="simplifier .safetensors (with its .json)")
-    parser.add_argument("--classifier", required=True, help="classifier .safetensors (with its .json)")
-    parser.add_argument("--prior", help="prior .safetensors (default: config prior, else the shipped prior)")
-    parser.add_argument("--out", required=True, help="output folder, e.g. reports/<run>/apply/<task>")
+    parser.add_argument("--ingest", help="ingest folder (from simplebits ingest; default with --run: DIR/ingest)")
+    add_run_argument(parser)
+    parser.add_argument("--simplifier", help="simplifier .safetensors (with its .json; default with --run: "
+                                             "DIR/simplify/audit-<task>/)")
+    parser.add_argument("--classifier", help="classifier: package .safetensors (with its .json), state_dict "
+                                             ".pt/.pth/.safetensors, or TorchScript (default with --run: "
+                                             "DIR/classifier/<task>/)")
+    add_classifier_arguments(parser)
+    parser.add_argument("--prior", help="prior .safetensors (default: config prior, else the run's prior with "
+                                        "--run, else the shipped prior)")
+    parser.add_argument("--out", help="output folder (default with --run: DIR/apply/<task>)")
     parser.add_argument("--split", choices=("train", "val", "test"), help="only this split (default: all)")
-    parser.add_argument("--task", choices=("effusion", "sex"),
-                        help="label to score in metrics.json (default: the task in the classifier's .json)")
+    parser.add_argument("--task", type=task_argument, metavar="TASK",
+                        help="label to score in metrics.json: any registered task (default: the task in the "
+                             "classifier's .json); its label columns are carried in predictions.csv")
     parser.add_argument("--batch-size", type=int, help="studies per batch and rank (default: config, 64)")
     parser.add_argument("--num-workers", type=int,
                         help="DataLoader processes per rank reading the store ahead (default: config, 2)")
@@ -57,10 +67,33 @@ def run(args: argparse.Namespace) -> int:
     config = config_from_args(
         ApplyConfig, args, ingest=args.ingest, simplifier=args.simplifier, classifier=args.classifier,
         prior=args.prior, out=args.out, split=args.split, task=args.task, batch_size=args.batch_size,
-        num_workers=args.num_workers, device=args.device,
+        num_workers=args.num_workers, device=args.device, classifier_arch=args.classifier_arch,
+        classifier_kwargs=classifier_kwargs(args), classifier_adapter=adapter_overrides(args),
         **{"tracking.enabled": False if args.no_mlflow else None},
     )
+    config = in_run_folder(config, run_folder(args))
     summary = run_apply(config)
     if summary:
         print(json.dumps(summary, indent=2))
     return 0
+
+
+def in_run_folder(config, folder):
+    """``config`` with what it leaves open taken from the run folder's layout (``--run``): the
+    task's classifier and audit simplifier, the run's prior, ``apply/<task>`` and the run's MLflow store."""
+    if folder is None:
+        return config
+    from pipeline.errors import UserError
+    from pipeline.run_folder import with_run_tracking
+
+    if config.task is None and (config.classifier is None or config.simplifier is None or config.out is None):
+        raise UserError("apply --run: give --task (which classifier/<task> and simplify/audit-<task> of the run)")
+    task = config.task
+    return with_run_tracking(config.model_copy(update={
+        "ingest": path_argument(config.ingest, folder, lambda f: f.ingest, "--ingest"),
+        "classifier": path_argument(config.classifier, folder, lambda f: f.classifier_weights(task), "--classifier"),
+        "simplifier": path_argument(config.simplifier, folder,
+                                    lambda f: f.simplify("audit", task) / "simplifier.safetensors", "--simplifier"),
+        "prior": config.prior or run_default(folder, lambda f: f.prior_weights),
+        "out": path_argument(config.out, folder, lambda f: f.apply(task), "--out"),
+    }), folder)

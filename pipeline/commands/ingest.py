@@ -6,6 +6,7 @@ import argparse
 import logging
 
 from pipeline.config import add_config_arguments, config_from_args
+from pipeline.run_folder import add_run_argument, path_argument, run_folder
 
 log = logging.getLogger(__name__)
 
@@ -19,7 +20,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "Works under torchrun (one shard per rank).",
     )
     parser.add_argument("--manifest", required=True, help="manifest CSV (see data_manifests/README.md)")
-    parser.add_argument("--out", required=True, help="ingest folder (store/, status.csv, manifest.csv)")
+    parser.add_argument("--out", help="ingest folder: store/, status.csv, manifest.csv (default with --run: "
+                                     "DIR/ingest)")
+    add_run_argument(parser)
     parser.add_argument("--size", type=int, default=None, help="working resolution, 32..256 (default 64)")
     parser.add_argument("--workers", type=int, default=None,
                         help="decode processes; they exit with this one (default 0: in-process)")
@@ -33,8 +36,9 @@ def run(args: argparse.Namespace) -> int:
     from pipeline.data.ingest import IngestConfig, ingest
     from pipeline.runtime.distributed import init_distributed, shutdown_distributed
 
+    out = path_argument(args.out, run_folder(args), lambda f: f.ingest, "--out")
     config = config_from_args(
-        IngestConfig, args, manifest=args.manifest, out=args.out, size=args.size,
+        IngestConfig, args, manifest=args.manifest, out=out, size=args.size,
         workers=args.workers, retry_errors=args.retry_errors,
     )
     context = init_distributed("cpu")  # decoding is CPU work; gloo is enough to share the status

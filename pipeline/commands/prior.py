@@ -8,7 +8,17 @@ import logging
 from pathlib import Path
 
 from pipeline.config import add_config_arguments, config_from_args
+from pipeline.errors import UserError
+from pipeline.run_folder import (
+    RunFolder,
+    add_run_argument,
+    path_argument,
+    run_default,
+    run_folder,
+    with_run_tracking,
+)
 from pipeline.runtime.atomic import atomic_path, atomic_write_text
+from pipeline.tasks import DEFAULT_TASKS, task_labels, tasks_argument
 
 log = logging.getLogger(__name__)
 
@@ -18,23 +28,29 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     sub = parser.add_subparsers(dest="prior_command", required=True, metavar="ACTION")
 
     train = sub.add_parser("train", help="train (or resume / fine-tune) a prior")
-    _add_cohort_arguments(train, required=False)
+    _add_cohort_arguments(train)
     add_config_arguments(train, "prior")
     train.add_argument("--init", help="scratch | shipped | <prior.safetensors> (overrides init)")
-    train.add_argument("--out", required=True, help="run folder (resumes from its checkpoint.pt)")
+    train.add_argument("--out", help="output folder, resumes from its checkpoint.pt (default with --run: "
+                                     "DIR/prior, the cohort DIR/ingest)")
     train.set_defaults(func=run_train)
 
     bpd = sub.add_parser("bpd", help="per-study bpd table (deterministic midpoint mode)")
-    _add_cohort_arguments(bpd, required=True)
-    bpd.add_argument("--prior", help="prior .safetensors (default: the shipped prior)")
+    _add_cohort_arguments(bpd)
+    bpd.add_argument("--prior", help="prior .safetensors (default: the run's prior with --run, else the shipped "
+                                     "prior)")
     bpd.add_argument("--size", type=int, default=None,
                      help="resize to this size (default: as stored; 128 from a manifest)")
     bpd.add_argument("--device", default="auto")
-    bpd.add_argument("--out", required=True, help="CSV: study_id, split, effusion, sex, bpd")
+    bpd.add_argument("--tasks", type=tasks_argument, default=None, metavar="TASKS",
+                     help="comma-separated tasks whose label columns the table carries and whose mean bpd "
+                          "per label is logged (default: effusion,sex)")
+    bpd.add_argument("--out", help="CSV: study_id, split, the tasks' label columns (effusion, sex, ...), bpd "
+                                   "(default with --run: DIR/prior/bpd.csv)")
     bpd.set_defaults(func=run_bpd)
 
     ordering = sub.add_parser("ordering", help="noise > radiograph > blurred > flat check at 64 and 128")
-    _add_cohort_arguments(ordering, required=False)
+    _add_cohort_arguments(ordering, run=False)
     ordering.add_argument("--prior", help="prior .safetensors (default: the shipped prior)")
     ordering.add_argument("--sizes", type=int, nargs="+", default=[64, 128])
     ordering.add_argument("--reference", type=int, default=32,
@@ -46,28 +62,39 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     ordering.set_defaults(func=run_ordering)
 
 
-def _add_cohort_arguments(parser: argparse.ArgumentParser, required: bool) -> None:
-    group = parser.add_mutually_exclusive_group(required=required)
+def _add_cohort_arguments(parser: argparse.ArgumentParser, run: bool = True) -> None:
+    group = parser.add_mutually_exclusive_group()
     group.add_argument("--ingest", help="ingest folder (store/ + manifest.csv, from simplebits ingest)")
     group.add_argument("--manifest", help="cohort manifest CSV (images are read and resized)")
+    if run:
+        add_run_argument(parser)
+
+
+def _cohort_arguments(args: argparse.Namespace, folder: RunFolder | None) -> tuple[str | None, str | None]:
+    """``(ingest, manifest)``: as given, else the run folder's ingest folder."""
+    if args.ingest or args.manifest or folder is None:
+        return args.ingest, args.manifest
+    return str(folder.ingest), None
 
 
 def run_train(args: argparse.Namespace) -> int:
     from pipeline.prior.data import load_radiographs
     from pipeline.prior.train import PriorConfig, train_prior
 
-    config = config_from_args(PriorConfig, args, init=args.init)
+    folder = run_folder(args)
+    config = with_run_tracking(config_from_args(PriorConfig, args, init=args.init), folder)
+    out = path_argument(args.out, folder, lambda f: f.prior, "--out")
+    ingest, manifest = _cohort_arguments(args, folder)
     radiographs = val_radiographs = None
-    if args.ingest or args.manifest:
+    if ingest or manifest:
         # the mix bank's sample, taken before reading (train_prior would take the same one); the
         # validation radiographs stay lazy for an ingest folder and are streamed
-        radiographs, _ = load_radiographs(args.ingest, args.manifest, split="train",
+        radiographs, _ = load_radiographs(ingest, manifest, split="train",
                                           max_studies=config.data.max_radiographs, seed=config.data.bank.seed)
-        val_radiographs, _ = load_radiographs(args.ingest, args.manifest, split="val")
-        log.info("demo radiographs: %d train, %d val", len(radiographs), len(val_radiographs))
-    summary = train_prior(config, args.out, radiographs, val_radiographs)
-    log.info("best validation bpd %.4f; prior in %s", summary["best_val_bpd"],
-             Path(args.out) / "prior.safetensors")
+        val_radiographs, _ = load_radiographs(ingest, manifest, split="val")
+        log.info("cohort radiographs: %d train, %d val", len(radiographs), len(val_radiographs))
+    summary = train_prior(config, out, radiographs, val_radiographs)
+    log.info("best validation bpd %.4f; prior in %s", summary["best_val_bpd"], Path(out) / "prior.safetensors")
     return 0
 
 
@@ -77,14 +104,24 @@ def run_bpd(args: argparse.Namespace) -> int:
     from pipeline.prior.evaluate import bpd_table
     from pipeline.runtime.device import pick_device
 
+    folder = run_folder(args)
+    ingest, manifest = _cohort_arguments(args, folder)
+    if not (ingest or manifest):
+        raise UserError("prior bpd: give the cohort with --ingest, --manifest or --run")
+    out = path_argument(args.out, folder, lambda f: f.prior / "bpd.csv", "--out")
     device = pick_device(args.device)
-    model = load_prior(args.prior, device=device)
-    images, frame = load_radiographs(args.ingest, args.manifest, size=args.size)  # an ingest folder: lazy
-    table = bpd_table(model, images, frame, device=device, size=args.size)
-    with atomic_path(args.out) as tmp:
+    model = load_prior(args.prior or run_default(folder, lambda f: f.prior_weights), device=device)
+    images, frame = load_radiographs(ingest, manifest, size=args.size)  # an ingest folder: lazy
+    tasks = args.tasks or list(DEFAULT_TASKS)
+    table = bpd_table(model, images, frame, device=device, size=args.size, tasks=tasks)
+    with atomic_path(out) as tmp:
         table.to_csv(tmp, index=False)
-    summary = table.groupby("effusion", dropna=False)["bpd"].agg(["count", "mean"])
-    log.info("bpd by effusion label:\n%s", summary.to_string())
+    log.info("bpd by split:\n%s", table.groupby("split")["bpd"].agg(["count", "mean"]).to_string())
+    for task in tasks:  # per label of each task (its label policy applied); unlabelled studies left out
+        labels = task_labels(table, task)
+        if labels.notna().any():
+            summary = table.groupby(["split", labels.rename(task)])["bpd"].agg(["count", "mean"])
+            log.info("bpd by split and %s label:\n%s", task, summary.to_string())
     return 0
 
 

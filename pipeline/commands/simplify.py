@@ -10,9 +10,19 @@ import argparse
 import json
 from typing import Any, TypeVar
 
+from pipeline.classifier_args import adapter_overrides, add_classifier_arguments, classifier_kwargs
 from pipeline.config import add_config_arguments, config_from_args
+from pipeline.errors import UserError
+from pipeline.run_folder import (
+    RunFolder,
+    add_run_argument,
+    path_argument,
+    run_default,
+    run_folder,
+    with_run_tracking,
+)
+from pipeline.tasks import stage_config_from_args, task_argument
 
-TASK_CHOICES = ("effusion", "sex")
 ConfigT = TypeVar("ConfigT", bound=Any)  # a JointConfig or AuditConfig (both have ``independent``)
 
 
@@ -30,13 +40,17 @@ def register_train(actions: argparse._SubParsersAction) -> None:
         help="setting (a): train simplifier and classifier jointly (one-step look-ahead)",
         description="Setting (a). --set simplify.lam=[0,1,2,4] runs a sweep with one lam-<value>/ folder each.",
     )
-    parser.add_argument("--ingest", required=True, help="ingest folder (from simplebits ingest)")
-    parser.add_argument("--task", choices=TASK_CHOICES, help="label to keep (default: config task)")
-    parser.add_argument("--prior", help="prior .safetensors (default: config prior, else the shipped prior)")
+    add_input_arguments(parser)
+    parser.add_argument("--task", type=task_argument, metavar="TASK",
+                        help="label to keep: any registered task (default: config task)")
+    add_prior_argument(parser)
     parser.add_argument("--classifier-init", help="start the classifier from these weights (classify train's "
-                        "model.safetensors; same network as the config's classifier)")
+                        "model.safetensors, or a state_dict of the network --classifier-arch / the config's "
+                        "classifier names; not TorchScript; default with --run: DIR/classifier/<task>/ if "
+                        "trained)")
+    add_classifier_arguments(parser)  # how to read --classifier-init (network, adapter)
     add_check_arguments(parser)
-    parser.add_argument("--out", required=True, help="output folder, e.g. reports/<run>/simplify/joint-<task>")
+    add_out_argument(parser, "joint")
     parser.add_argument("--force", action="store_true", help="retrain even if metrics.json exists")
     add_config_arguments(parser, "simplify_joint")
     parser.set_defaults(func=run_train)
@@ -46,19 +60,55 @@ def run_train(args: argparse.Namespace) -> int:
     # imported when the command runs, so that `simplebits --help` stays fast
     from pipeline.simplebits.joint import JointConfig, run_joint
 
-    config = config_from_args(JointConfig, args, task=args.task, prior=args.prior,
-                              classifier_init=args.classifier_init)
-    summaries = run_joint(args.ingest, args.out, with_independent(config, args.independent), force=args.force,
-                          mask_dir=args.masks)
+    folder = run_folder(args)
+    config = stage_config_from_args(JointConfig, args, "joint", task=args.task, **{
+        "classifier.name": args.classifier_arch, "classifier.kwargs": classifier_kwargs(args),
+        "classifier_adapter": adapter_overrides(args)})
+    config = with_run_tracking(config.model_copy(update={
+        "prior": args.prior or config.prior or run_default(folder, lambda f: f.prior_weights),
+        "classifier_init": args.classifier_init or config.classifier_init
+        or run_default(folder, lambda f: f.classifier_weights(config.task))}), folder)
+    config = with_independent(config, independent_path(args, folder, config))
+    summaries = run_joint(path_argument(args.ingest, folder, lambda f: f.ingest, "--ingest"),
+                          output_folder(args, folder, "joint", config.task), config, force=args.force,
+                          mask_dir=args.masks or run_default(folder, lambda f: f.masks))
     print(json.dumps([{k: v for k, v in s.items() if k != "history"} for s in summaries], indent=2))
     return 0
+
+
+def add_input_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--ingest`` and ``--run``: the cohort, and the run folder whose layout gives the defaults."""
+    parser.add_argument("--ingest", help="ingest folder (from simplebits ingest; default with --run: DIR/ingest)")
+    add_run_argument(parser)
+
+
+def add_prior_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--prior", help="prior .safetensors (default: config prior, else the run's prior with "
+                                        "--run, else the shipped prior)")
+
+
+def add_out_argument(parser: argparse.ArgumentParser, setting: str) -> None:
+    parser.add_argument("--out", help=f"output folder (default with --run: DIR/simplify/{setting}-<task>)")
+
+
+def output_folder(args: argparse.Namespace, folder: RunFolder | None, setting: str, task: str) -> str:
+    return path_argument(args.out, folder, lambda f: f.simplify(setting, task), "--out")
 
 
 def add_check_arguments(parser: argparse.ArgumentParser) -> None:
     """The evaluation inputs joint training and the audit share (pipeline/simplebits/outcomes.py)."""
     parser.add_argument("--independent", metavar="WEIGHTS",
-                        help="independent check classifier trained on originals (default: train one)")
-    parser.add_argument("--masks", help="ground-truth masks folder (demo cohort: <run>/cohort/masks)")
+                        help="independent check classifier trained on originals (default: the run's "
+                             "classifier/<task>-independent/ with --run, else train one)")
+    parser.add_argument("--masks", help="ground-truth masks folder (demo cohort: <run>/cohort/masks, the "
+                                        "default with --run where it exists)")
+
+
+def independent_path(args: argparse.Namespace, folder: RunFolder | None, config: Any) -> str | None:
+    """``--independent``, else (unless the config names one) the run's check classifier of the task."""
+    if args.independent or config.independent.path or not config.independent.enabled:
+        return args.independent
+    return run_default(folder, lambda f: f.independent_weights(config.task))
 
 
 def with_independent(config: ConfigT, path: str | None) -> ConfigT:
@@ -76,19 +126,17 @@ def register_audit(actions: argparse._SubParsersAction) -> None:
         description="Setting (c). Amortized by default (a simplifier over the cohort); --per-study STUDY_ID "
                     "optimises one study's image directly.",
     )
-    parser.add_argument("--ingest", required=True, help="ingest folder (from simplebits ingest)")
-    parser.add_argument("--task", choices=TASK_CHOICES, help="label to keep (default: config task)")
+    add_input_arguments(parser)
+    parser.add_argument("--task", type=task_argument, metavar="TASK",
+                        help="label to keep: any registered task (default: config task)")
     parser.add_argument("--classifier", action="append", default=[], metavar="WEIGHTS",
-                        help="frozen classifier weights (.safetensors or state_dict .pt); "
-                             "repeat for an ensemble")
-    parser.add_argument("--classifier-arch", action="append", default=[], metavar="NAME",
-                        help="registered network name of each --classifier (one for all, or one each; "
-                             "default: the .json next to the weights)")
-    parser.add_argument("--prior", help="prior .safetensors (default: config prior, else the shipped prior)")
+                        help="frozen classifier: package .safetensors, state_dict .pt/.pth/.safetensors, or "
+                             "TorchScript; repeat for an ensemble (default with --run: DIR/classifier/<task>/)")
+    add_classifier_arguments(parser, arch_per_classifier=True)
+    add_prior_argument(parser)
     add_check_arguments(parser)
     parser.add_argument("--per-study", metavar="STUDY_ID", help="audit one study by direct optimisation")
-    parser.add_argument("--out", required=True,
-                        help="output folder, e.g. reports/<run>/simplify/audit-<task>")
+    add_out_argument(parser, "audit")
     parser.add_argument("--force", action="store_true", help="redo even if metrics.json exists")
     add_config_arguments(parser, "simplify_audit")
     parser.set_defaults(func=run_audit)
@@ -97,24 +145,33 @@ def register_audit(actions: argparse._SubParsersAction) -> None:
 def run_audit(args: argparse.Namespace) -> int:
     from pipeline.simplebits.audit import AuditConfig, ClassifierSpec, audit_command, audit_study_command
 
-    config = config_from_args(AuditConfig, args, task=args.task, prior=args.prior)
+    folder = run_folder(args)
+    config = stage_config_from_args(AuditConfig, args, "audit", task=args.task)
+    config = with_run_tracking(config.model_copy(update={
+        "prior": args.prior or config.prior or run_default(folder, lambda f: f.prior_weights)}), folder)
+    if not args.classifier and not config.classifiers and folder is not None:
+        args.classifier = [path_argument(None, folder, lambda f: f.classifier_weights(config.task), "--classifier")]
     if args.classifier:
         archs = args.classifier_arch or [None]
         if len(archs) == 1:
             archs = archs * len(args.classifier)
         if len(archs) != len(args.classifier):
-            raise SystemExit(f"--classifier-arch: give one name for all or one per --classifier "
-                             f"({len(args.classifier)}), got {len(archs)}")
-        config = config.model_copy(update={"classifiers": [ClassifierSpec(path=p, name=a)
+            raise UserError(f"--classifier-arch: give one name for all or one per --classifier "
+                            f"({len(args.classifier)}), got {len(archs)}")
+        declared = {"kwargs": classifier_kwargs(args) or {}, "adapter": adapter_overrides(args) or {}}
+        config = config.model_copy(update={"classifiers": [ClassifierSpec(path=p, name=a, **declared)
                                                            for p, a in zip(args.classifier, archs)]})
-    config = with_independent(config, args.independent)
+    config = with_independent(config, independent_path(args, folder, config))
     if not config.classifiers:
-        raise SystemExit("simplify audit: give the frozen classifier with --classifier "
-                         "(or classifiers: in the config)")
+        raise UserError("simplify audit: give the frozen classifier with --classifier "
+                        "(or classifiers: in the config)")
+    ingest = path_argument(args.ingest, folder, lambda f: f.ingest, "--ingest")
+    out = output_folder(args, folder, "audit", config.task)
     if args.per_study:
-        summary = audit_study_command(args.ingest, args.out, args.per_study, config)
+        summary = audit_study_command(ingest, out, args.per_study, config)
     else:
-        summary = audit_command(args.ingest, args.out, config, force=args.force, mask_dir=args.masks)
+        summary = audit_command(ingest, out, config, force=args.force,
+                                mask_dir=args.masks or run_default(folder, lambda f: f.masks))
     print(json.dumps({k: v for k, v in summary.items() if k != "history"}, indent=2, default=float))
     return 0
 
@@ -125,12 +182,12 @@ def register_condense(actions: argparse._SubParsersAction) -> None:
         help="setting (b): dataset condensation by gradient matching plus bpd",
         description="Setting (b). --set condense.lam=[0,10000] runs a sweep with one lam-<value>/ folder each.",
     )
-    parser.add_argument("--ingest", required=True, help="ingest folder (from simplebits ingest)")
-    parser.add_argument("--task", choices=TASK_CHOICES, help="label to condense (default: config task)")
-    parser.add_argument("--prior", help="prior .safetensors (default: config prior, else the shipped prior)")
+    add_input_arguments(parser)
+    parser.add_argument("--task", type=task_argument, metavar="TASK",
+                        help="label to condense: any registered task (default: config task)")
+    add_prior_argument(parser)
     parser.add_argument("--ipc", type=int, choices=(1, 10), help="synthetic images per class")
-    parser.add_argument("--out", required=True,
-                        help="output folder, e.g. reports/<run>/simplify/condense-<task>")
+    add_out_argument(parser, "condense")
     parser.add_argument("--force", action="store_true", help="redo even if metrics.json exists")
     add_config_arguments(parser, "simplify_condense")
     parser.set_defaults(func=run_condense)
@@ -139,8 +196,11 @@ def register_condense(actions: argparse._SubParsersAction) -> None:
 def run_condense(args: argparse.Namespace) -> int:
     from pipeline.simplebits.condense import CondenseConfig, condense_command
 
-    config = config_from_args(CondenseConfig, args, task=args.task, prior=args.prior,
-                              **{"condense.ipc": args.ipc})
-    summaries = condense_command(args.ingest, args.out, config, force=args.force)
+    folder = run_folder(args)
+    config = config_from_args(CondenseConfig, args, task=args.task, **{"condense.ipc": args.ipc})
+    config = with_run_tracking(config.model_copy(update={
+        "prior": args.prior or config.prior or run_default(folder, lambda f: f.prior_weights)}), folder)
+    summaries = condense_command(path_argument(args.ingest, folder, lambda f: f.ingest, "--ingest"),
+                                 output_folder(args, folder, "condense", config.task), config, force=args.force)
     print(json.dumps([{k: v for k, v in s.items() if k != "history"} for s in summaries], indent=2))
     return 0

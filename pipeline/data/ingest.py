@@ -58,10 +58,12 @@ from pipeline.config import RESOLVED_CONFIG_NAME, StrictModel, save_resolved_con
 from pipeline.data.manifest import read_manifest, resolve_image_paths, write_manifest
 from pipeline.data.store import CohortStore, StoredImages, is_store, write_images
 from pipeline.data.transforms import DEFAULT_SIZE, ingest_transforms, validate_size
+from pipeline.errors import PathNotFoundError, UserError
 from pipeline.io.readers import RadiographReadError
 from pipeline.runtime.csv_log import AppendOnlyCsv
 from pipeline.runtime.distributed import barrier, shard
 from pipeline.runtime.progress import progress
+from pipeline.tasks import FINDINGS, task_labels  # task_labels: re-exported for the stages
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +72,6 @@ STATUS_NAME = "status.csv"
 ORPHANED_STATUS_NAME = "status.orphaned.csv"  # a status table set aside because its store was lost
 MANIFEST_NAME = "manifest.csv"
 STATUS_COLUMNS = ("study_id", "status", "reason", "seconds")
-TASKS = ("effusion", "sex")
 
 
 class IngestConfig(StrictModel):
@@ -78,11 +79,12 @@ class IngestConfig(StrictModel):
 
     manifest: str | None = None
     out: str | None = None
-    size: int = DEFAULT_SIZE
+    size: int = DEFAULT_SIZE  # working resolution, square, 32..256
+    # auto: the VOI LUT Sequence, else the window; window: the window only; none: no VOI step
     voi: Literal["auto", "window", "none"] = "auto"
-    pad_mode: Literal["min", "edge"] = "min"
+    pad_mode: Literal["min", "edge"] = "min"  # square padding: min (background) or edge (replicate border)
     workers: int = Field(0, ge=0)  # decode processes; 0 decodes in this process
-    retry_errors: bool = False
+    retry_errors: bool = False  # decode again the studies that failed in an earlier run
 
     @field_validator("size")
     @classmethod
@@ -439,7 +441,8 @@ class Cohort:
         return images.float() / 255.0
 
     def labels(self, task: str) -> torch.Tensor:
-        """``(N,)`` int64 labels: effusion 1/0; sex M=1, F=0. Raises if any row lacks the label."""
+        """``(N,)`` int64 labels of a registered task (:mod:`pipeline.tasks`: a finding under its label
+        policy, sex M=1/F=0, ...). Raises if any row lacks the label."""
         values = task_labels(self.frame, task)
         missing = int(values.isna().sum())
         if missing:
@@ -463,19 +466,10 @@ class Cohort:
         return Cohort(images, frame, frame["study_id"].tolist())
 
 
-def task_labels(frame: pd.DataFrame, task: str) -> pd.Series:
-    """Per-row label as float (1.0 / 0.0) with NaN where unknown, for ``task`` in :data:`TASKS`."""
-    if task == "effusion":
-        return pd.to_numeric(frame["effusion"], errors="coerce").astype(float)
-    if task == "sex":
-        return frame["sex"].map({"M": 1.0, "F": 0.0}).astype(float)
-    raise ValueError(f"task must be one of {TASKS}, got {task!r}")
-
-
 def open_store(ingest_dir: str | Path) -> CohortStore:
     path = store_path(ingest_dir)
     if not is_store(path):
-        raise FileNotFoundError(f"{ingest_dir}: no image store ({STORE_DIR}/); run simplebits ingest first")
+        raise PathNotFoundError(f"{ingest_dir}: no image store ({STORE_DIR}/); run simplebits ingest first")
     return CohortStore.open(path)
 
 
@@ -511,12 +505,12 @@ def read_ingested_manifest(path: Path) -> pd.DataFrame:
     ingest reads pixels from the source files; the reports read the manifest themselves).
     """
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: ingest manifest not found; run simplebits ingest first")
+        raise PathNotFoundError(f"{path}: ingest manifest not found; run simplebits ingest first")
     frame = pd.read_csv(path, dtype=str, keep_default_na=False, usecols=lambda c: c != "image_path")
     missing = [c for c in ("study_id", "split", "sex", "effusion") if c not in frame.columns]
     if missing:
-        raise ValueError(f"{path}: missing columns {missing}; re-run simplebits ingest")
-    for column in ("age", "effusion"):  # numbers with NaN for unknown, as read_manifest gives them
+        raise UserError(f"{path}: missing columns {missing}; re-run simplebits ingest")
+    for column in ("age", *FINDINGS):  # numbers with NaN for unknown, as read_manifest gives them
         if column in frame.columns:
             frame[column] = pd.to_numeric(frame[column], errors="coerce")
     return frame
@@ -526,7 +520,8 @@ def load_task_splits(ingest_dir: str | Path, task: str) -> dict[str, Cohort]:
     """``{"train", "val", "test"}`` cohorts labelled for ``task``; training needs train and val non-empty."""
     cohorts = load_cohorts(ingest_dir, ("train", "val", "test"), task)
     if len(cohorts["train"]) == 0 or len(cohorts["val"]) == 0:
-        raise ValueError(f"{ingest_dir}: need labelled train and val studies for task {task!r}")
+        counts = ", ".join(f"{split} {len(cohort)}" for split, cohort in cohorts.items())
+        raise UserError(f"{ingest_dir}: task {task!r} needs labelled train and val studies, has {counts}")
     return cohorts
 
 

@@ -9,15 +9,21 @@ Schema (documented for users in ``data_manifests/README.md``):
 ``view``        upper case (``PA``, ``AP``, ``LATERAL``, ``LL``, ...), empty if unknown
 ``sex``         ``M``, ``F`` or empty
 ``age``         years (float), empty if unknown
-``effusion``    ``1``, ``0`` or empty (unlabeled)
+``effusion``    ``1``, ``0``, ``-1`` (uncertain) or empty (not mentioned / unlabeled)
 ``split``       ``train``, ``val`` or ``test``; a patient is never in two splits
 ``source``      ``mimic-cxr-jpg``, ``chexpert``, ``nih``, ``folder`` or ``demo``
 ==============  ==========================================================================
 
+then, optionally, one column per other finding of :data:`pipeline.tasks.FINDINGS` the cohort has
+(``no_finding``, ``cardiomegaly``, ..., ``support_devices``, ...), in that order, with the same
+values as ``effusion``. Finding columns hold the source's *raw* codes: the label policy (uncertain,
+blank) is the task's, applied when labels are read (:func:`pipeline.tasks.task_labels`). Manifests
+written before these columns existed (``effusion`` only, 1/0/empty) stay valid.
+
 In memory (what :func:`read_manifest` and :func:`validate_manifest` return): ``view``, ``sex``,
 ``split``, ``source`` and the ids are ``str`` with ``""`` for unknown (so ``df.sex == "M"`` needs no
-NA handling), ``age`` is ``float64`` with NaN for unknown, ``effusion`` is pandas ``Int64`` with
-``<NA>`` for unlabeled.
+NA handling), ``age`` is ``float64`` with NaN for unknown, finding columns are pandas ``Int64`` with
+``<NA>`` for blank.
 """
 
 from __future__ import annotations
@@ -33,12 +39,17 @@ import pandas as pd
 
 from pipeline.errors import UserError
 from pipeline.runtime.atomic import atomic_path
+from pipeline.tasks import FINDINGS, TaskSpec, get_task, task_labels
 
 log = logging.getLogger(__name__)
 
 MANIFEST_COLUMNS: tuple[str, ...] = (
     "study_id", "patient_id", "image_path", "view", "sex", "age", "effusion", "split", "source",
 )
+#: Finding columns a manifest may carry after :data:`MANIFEST_COLUMNS` (``effusion`` is always there).
+FINDING_COLUMNS: tuple[str, ...] = tuple(c for c in FINDINGS if c not in MANIFEST_COLUMNS)
+#: Values of a finding column: positive, negative, uncertain (empty: blank / not mentioned).
+FINDING_CODES: tuple[float, ...] = (1.0, 0.0, -1.0)
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 SOURCES: tuple[str, ...] = ("mimic-cxr-jpg", "chexpert", "nih", "folder", "demo")
 SEXES: tuple[str, ...] = ("M", "F")
@@ -65,25 +76,30 @@ def validate_manifest(
 ) -> pd.DataFrame:
     """Check ``df`` against the schema and return a normalised copy (column order, dtypes).
 
-    ``source`` names where ``df`` came from in error messages. Columns beyond
-    :data:`MANIFEST_COLUMNS` are errors unless listed in ``extra_columns`` (they are then kept,
-    after the schema columns). Normalisation is limited to what cannot change meaning: stripping
-    whitespace, upper-casing ``view`` and ``sex``, parsing ``age``/``effusion`` as numbers.
+    ``source`` names where ``df`` came from in error messages. The optional finding columns
+    (:data:`FINDING_COLUMNS`) present are kept after :data:`MANIFEST_COLUMNS`, in their canonical
+    order; other columns are errors unless listed in ``extra_columns`` (they are then kept, last).
+    Normalisation is limited to what cannot change meaning: stripping whitespace, upper-casing
+    ``view`` and ``sex``, parsing ``age`` and the findings as numbers.
     """
     require_columns(df, MANIFEST_COLUMNS, source)
     extra = list(extra_columns)
-    unexpected = [c for c in df.columns if c not in MANIFEST_COLUMNS and c not in extra]
+    findings = [c for c in FINDING_COLUMNS if c in df.columns]
+    unexpected = [c for c in df.columns if c not in MANIFEST_COLUMNS and c not in findings and c not in extra]
     if unexpected:
-        raise ManifestError(f"{source}: undocumented extra columns {unexpected}")
+        raise ManifestError(f"{source}: undocumented extra columns {unexpected} (finding columns: "
+                            f"{', '.join(FINDINGS)})")
 
-    out = df.loc[:, [*MANIFEST_COLUMNS, *[c for c in extra if c in df.columns]]].copy()
+    extra_present = [c for c in extra if c in df.columns and c not in findings]
+    out = df.loc[:, [*MANIFEST_COLUMNS, *findings, *extra_present]].copy()
     out.index = pd.RangeIndex(len(out))
     for column in _STRING_COLUMNS:
         out[column] = _as_text(out[column])
     out["view"] = out["view"].str.upper()
     out["sex"] = out["sex"].str.upper()
     out["age"] = _as_float(out["age"], "age", source)
-    out["effusion"] = _as_binary(out["effusion"], "effusion", source)
+    for column in ("effusion", *findings):
+        out[column] = _as_code(out[column], column, source)
 
     _check_pattern(out, "study_id", _STUDY_ID, source)
     _check_pattern(out, "patient_id", _PATIENT_ID, source)
@@ -183,32 +199,32 @@ def assign_patient_splits(
     return out
 
 
-def balance_classes(df: pd.DataFrame, column: str, seed: int = 0) -> pd.DataFrame:
-    """Downsample the majority class of ``column`` within each split to the minority's size.
+def balance_classes(df: pd.DataFrame, task: str | TaskSpec, seed: int = 0) -> pd.DataFrame:
+    """Downsample the majority class of ``task`` (any registered task) within each split to the
+    minority's size.
 
-    Rows whose label is unknown (NA or ``""``) are dropped, since they belong to no class. Which
-    rows are kept is decided by :func:`unit_hash` of ``study_id``, so it is deterministic and does
-    not depend on row order. A split with a single class keeps no rows of it (nothing to balance
-    against) and is logged.
+    Rows without a label for the task (its label policy applied: blank, uncertain, unknown sex ...)
+    are dropped, since they belong to no class. Which rows are kept is decided by :func:`unit_hash`
+    of ``study_id``, so it is deterministic and does not depend on row order. A split with a single
+    class keeps no rows of it (nothing to balance against) and is logged.
     """
-    if column not in df.columns:
-        raise ValueError(f"cannot balance on {column!r}: not a manifest column")
-    known = df[column].notna() & (df[column].astype(str) != "")
-    labelled = df.loc[known].copy()
+    spec = get_task(task)
+    labels = task_labels(df, spec)
+    labelled = df.loc[labels.notna()].copy()
+    labelled["_label"] = labels[labels.notna()]
     labelled["_rank"] = unit_hash(labelled["study_id"], seed)
     kept = []
     for split, rows in labelled.groupby("split", sort=False):
-        counts = rows[column].value_counts()
+        counts = rows["_label"].value_counts()
         if len(counts) < 2:
-            log.warning("split %r has a single %s class; no rows kept when balancing", split, column)
+            log.warning("split %r has a single %s class; no rows kept when balancing", split, spec.name)
             continue
         per_class = int(counts.min())
-        for _, members in rows.groupby(column, sort=False):
+        for _, members in rows.groupby("_label", sort=False):
             kept.append(members.nsmallest(per_class, "_rank"))
     if not kept:
         return df.iloc[0:0].copy()
-    out = pd.concat(kept).sort_index().drop(columns="_rank")
-    return out
+    return pd.concat(kept).sort_index().drop(columns=["_label", "_rank"])
 
 
 def _as_text(values: pd.Series) -> pd.Series:
@@ -225,11 +241,11 @@ def _as_float(values: pd.Series, column: str, source: str | Path) -> pd.Series:
     return parsed
 
 
-def _as_binary(values: pd.Series, column: str, source: str | Path) -> pd.Series:
+def _as_code(values: pd.Series, column: str, source: str | Path) -> pd.Series:
     parsed = _as_float(values, column, source)
-    bad = parsed.index[parsed.notna() & ~parsed.isin([0.0, 1.0])].tolist()
+    bad = parsed.index[parsed.notna() & ~parsed.isin(FINDING_CODES)].tolist()
     if bad:
-        raise ManifestError(f"{source}: {column} must be 1, 0 or empty, rows {bad[:5]}")
+        raise ManifestError(f"{source}: {column} must be 1, 0, -1 (uncertain) or empty, rows {bad[:5]}")
     return parsed.astype("Int64")
 
 

@@ -6,7 +6,7 @@ throughput checks need. Instead each new study copies a source study's pixels wi
 * an integer translation of at most ``max_shift_px`` pixels (edges replicated, so no black bars a
   classifier could key on);
 * with probability ``blend_probability``, a blend with another source study of the *same labels*
-  (effusion, sex), the partner weighted ``blend_weight``;
+  (sex and every finding column, e.g. effusion, support_devices), the partner weighted ``blend_weight``;
 * a per-study intensity curve ``gain * x**gamma + offset`` (one 256-entry lookup table per study).
 
 Never a horizontal flip: laterality matters in a chest radiograph (effusion side, heart).
@@ -38,6 +38,7 @@ from pydantic import Field, field_validator
 from pipeline.config import StrictModel, save_resolved_config
 from pipeline.data.ingest import MANIFEST_NAME, STATUS_NAME, StatusWriter, open_store, store_path
 from pipeline.data.manifest import (
+    FINDING_COLUMNS,
     MANIFEST_COLUMNS,
     SPLITS,
     assign_patient_splits,
@@ -47,7 +48,9 @@ from pipeline.data.manifest import (
 from pipeline.data.pseudonym import pseudonym
 from pipeline.data.store import DEFAULT_SHARD_ROWS, CohortStore
 from pipeline.data.transforms import validate_size
+from pipeline.errors import UserError
 from pipeline.runtime.progress import progress
+from pipeline.tasks import FINDINGS
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +134,11 @@ def plan_studies(source: pd.DataFrame, config: ScaleCohortConfig) -> pd.DataFram
     chosen_patient = rng.integers(0, source_patient.max() + 1, size=n_patients)[patient_of_study]
     rows = _pick_within(source_patient, chosen_patient, rng.random(n))
 
-    label_group, _ = pd.factorize(source["effusion"].astype("string").fillna("") + "|" + source["sex"])
+    findings = [c for c in FINDINGS if c in source.columns]  # effusion, and any other finding the source has
+    labels = source["sex"].astype(str)
+    for column in findings:
+        labels = source[column].astype("string").fillna("") + "|" + labels
+    label_group, _ = pd.factorize(labels)
     blended = rng.random(n) < config.blend_probability
     partners = _pick_within(label_group, label_group[rows], rng.random(n))
     blend_weight = np.where(blended, rng.uniform(*config.blend_weight, size=n), 0.0)
@@ -152,7 +159,7 @@ def plan_studies(source: pd.DataFrame, config: ScaleCohortConfig) -> pd.DataFram
         "patient_id": patient_ids[patient_of_study],
     })
     plan["image_path"] = "derived-from/" + base["study_id"]
-    for column in ("view", "sex", "age", "effusion", "source"):
+    for column in ("view", "sex", "age", "effusion", "source", *(c for c in findings if c != "effusion")):
         plan[column] = base[column].to_numpy()
     plan = assign_patient_splits(plan, config.split_fractions, seed=config.seed)
     plan["source_row"] = rows
@@ -233,7 +240,7 @@ PROVENANCE_COLUMNS = ("study_id", "source_study_id", "blend_study_id", "blend_we
 def build_scale_cohort(config: ScaleCohortConfig) -> ScaleSummary:
     """Write the ingest folder ``config.out`` (store, status.csv, manifest.csv, provenance.csv)."""
     if not config.source or not config.out:
-        raise ValueError("scale-cohort needs a source ingest folder and an output folder")
+        raise UserError("scale-cohort needs a source ingest folder and an output folder")
     start = time.perf_counter()
     out = Path(config.out)
     if out.exists() and any(out.iterdir()):
@@ -241,12 +248,12 @@ def build_scale_cohort(config: ScaleCohortConfig) -> ScaleSummary:
         raise FileExistsError(f"{out}: output folder is not empty; use a new --out folder")
     source = read_manifest(Path(config.source) / MANIFEST_NAME)
     if source.empty:
-        raise ValueError(f"{config.source}: the source ingest folder has no ok studies")
+        raise UserError(f"{config.source}: the source ingest folder has no ok studies")
     source_store = open_store(config.source)
     source_slots = source_store.slots(source["study_id"].tolist())
     size = config.size or source_store.width
     if source_store.height != source_store.width:
-        raise ValueError(f"{config.source}: source images are {source_store.height}x{source_store.width}, "
+        raise UserError(f"{config.source}: source images are {source_store.height}x{source_store.width}, "
                          "expected square")
     config = config.model_copy(update={"size": size})
 
@@ -263,7 +270,8 @@ def build_scale_cohort(config: ScaleCohortConfig) -> ScaleSummary:
             # status rows only after the pixels are in place: status.csv is the commit log
             status.write_rows([sid, "ok", "", "0.0000"] for sid in part["study_id"])
     plan.loc[:, list(PROVENANCE_COLUMNS)].to_csv(out / PROVENANCE_NAME, index=False, float_format="%.6g")
-    write_manifest(plan.loc[:, list(MANIFEST_COLUMNS)], out / MANIFEST_NAME)
+    findings = [c for c in FINDING_COLUMNS if c in plan.columns]  # the source's other findings
+    write_manifest(plan.loc[:, [*MANIFEST_COLUMNS, *findings]], out / MANIFEST_NAME)
     seconds = time.perf_counter() - start
     summary = ScaleSummary(
         studies=config.n, patients=int(plan["patient_id"].nunique()), size=size, seconds=seconds,

@@ -202,6 +202,15 @@ def _check_radiograph(path: Path, ds) -> None:
         if "Image" in sop_name:  # an image SOP class without pixels: the file ends early
             raise RadiographReadError(path, f"no pixel data in an image object ({sop_name}): truncated file?")
         raise RadiographReadError(path, f"no pixel data ({sop_name or 'unknown SOP class'})")
+    check_radiograph_header(path, ds)
+
+
+def check_radiograph_header(path: str | PathLike, ds) -> None:
+    """The checks that need no pixels: modality, frames, size, photometric interpretation.
+
+    Raises :class:`RadiographReadError`. The folder manifest builder runs it on headers read with
+    ``stop_before_pixels`` so that it skips the files ingest would reject without decoding them.
+    """
     modality = str(getattr(ds, "Modality", "")).strip().upper()
     sop_class = str(getattr(ds, "SOPClassUID", ""))
     if modality in SECONDARY_CAPTURE_MODALITIES:

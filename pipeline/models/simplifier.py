@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from pipeline.errors import PathNotFoundError
 from pipeline.models.bpd import quantize_8bit
 from pipeline.runtime.atomic import atomic_path, atomic_write_text
 from pipeline.runtime.checkpoint import unwrap
@@ -204,7 +205,7 @@ def load_simplifier(path: str | Path) -> Simplifier:
     path = Path(path)
     meta_path = path.with_suffix(".json")
     if not path.is_file() or not meta_path.is_file():
-        raise FileNotFoundError(f"simplifier weights or {meta_path.name} missing: {path}")
+        raise PathNotFoundError(f"simplifier weights or {meta_path.name} missing: {path}")
     simplifier = create_simplifier(**json.loads(meta_path.read_text())["kwargs"])
     simplifier.load_state_dict(load_file(str(path)))
     return simplifier.eval()

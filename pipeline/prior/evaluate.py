@@ -7,6 +7,7 @@ above the original would reward the simplifier for keeping detail.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
@@ -18,9 +19,10 @@ from pipeline.models.bpd import bits_per_dim
 from pipeline.models.glow import Glow
 from pipeline.prior.data import RadiographImages, resize_uint8, to_uint8
 from pipeline.runtime.device import autocast
+from pipeline.tasks import DEFAULT_TASKS, label_columns
 from pipeline.training.engine import score_batches
 
-TABLE_COLUMNS = ("study_id", "split", "effusion", "sex", "bpd")
+TABLE_COLUMNS = ("study_id", "split", "effusion", "sex", "bpd")  # of the default tasks
 
 
 @torch.no_grad()
@@ -45,11 +47,15 @@ def images_bpd(
 
 
 def bpd_table(model: Glow, images: RadiographImages, frame: pd.DataFrame, batch_size: int = 32,
-              device: str | torch.device = "cpu", size: int | None = None) -> pd.DataFrame:
-    """One row per study: ``study_id, split, effusion, sex, bpd`` (midpoint, streamed: :func:`images_bpd`)."""
+              device: str | torch.device = "cpu", size: int | None = None,
+              tasks: Iterable[str] = DEFAULT_TASKS) -> pd.DataFrame:
+    """One row per study: ``study_id, split``, the label columns of ``tasks`` (effusion and sex
+    always, then e.g. ``cardiomegaly``; raw manifest values, so :func:`pipeline.tasks.task_labels`
+    gives each task's labels from the table) and ``bpd`` (midpoint, streamed: :func:`images_bpd`)."""
     if len(images) != len(frame):
         raise ValueError(f"{len(images)} images but {len(frame)} manifest rows")
-    table = frame.reindex(columns=list(TABLE_COLUMNS[:-1])).reset_index(drop=True)
+    columns = ["study_id", "split", *label_columns(tasks)]
+    table = frame.reindex(columns=columns).reset_index(drop=True)
     table["bpd"] = images_bpd(model, images, batch_size, device, size)
     return table
 

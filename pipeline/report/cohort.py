@@ -5,9 +5,11 @@ write PNGs atomically with matplotlib's Agg backend.
 
 Inputs (see ARCHITECTURE.md):
 - ``predictions``: ``study_id, split, p_orig, p_simpl, bpd_orig, bpd_simpl`` and either ``label`` or the
-  task's own column (``effusion`` 1/0, ``sex`` M/F as written by ``simplebits apply``); optional
-  ``bits_saved``. Studies without a label are kept (shown, counted) but left out of AUROC/accuracy;
-- ``manifest``: ``study_id, patient_id, view, sex, age, effusion, split, source`` (pseudonymous);
+  task's own label columns (``effusion`` 1/0/-1, ``sex`` M/F, ... as written by ``simplebits apply``;
+  the task's label policy is applied, :func:`pipeline.tasks.task_labels`); optional ``bits_saved``.
+  Studies without a label are kept (shown, counted) but left out of AUROC/accuracy;
+- ``manifest``: ``study_id, patient_id, view, sex, age, split, source`` and its finding columns
+  (``effusion``, ``support_devices``, ...) (pseudonymous);
 - trade-off ``sweep``: one row per (method, strength) with ``method, strength|lam, mean_bpd, auroc``;
   optional ``auroc_orig`` (the same classifier on original images).
 """
@@ -23,6 +25,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline.runtime.atomic import atomic_write_bytes
+from pipeline.tasks import FINDINGS, get_task, task_labels
 
 #: Subgroup families analysed by default (columns of the study table).
 SUBGROUP_FAMILIES = ("sex", "age_band", "view", "source")
@@ -32,7 +35,8 @@ FAMILY_NAMES = {"sex": "sex", "age_band": "age", "view": "view", "source": "data
 AGE_BANDS = ((0.0, 40.0, "<40"), (40.0, 60.0, "40-59"), (60.0, 80.0, "60-79"), (80.0, math.inf, ">=80"))
 #: Manifest columns allowed into the study table. ``image_path`` is left out on purpose: source paths
 #: of real datasets embed the original patient/study identifiers.
-MANIFEST_COLUMNS = ("study_id", "patient_id", "view", "sex", "age", "effusion", "split", "source")
+MANIFEST_COLUMNS = ("study_id", "patient_id", "view", "sex", "age", "effusion", "split", "source",
+                    *(c for c in FINDINGS if c != "effusion"))
 PREDICTION_COLUMNS = ("study_id", "p_orig", "p_simpl", "bpd_orig", "bpd_simpl")
 SWEEP_COLUMNS = ("method", "mean_bpd", "auroc")
 
@@ -47,17 +51,15 @@ def age_band(age: pd.Series) -> pd.Series:
 def task_label(predictions: pd.DataFrame, task: str | None) -> pd.Series:
     """The 0/1 label per study (pandas ``Int64``, ``<NA>`` = unlabelled).
 
-    ``label`` if the table has it, else derived from the task's column with the pipeline's
-    mapping (:func:`pipeline.data.ingest.task_labels`: effusion 1/0, sex M=1/F=0).
+    ``label`` if the table has it, else derived from the task's label columns with the task's label
+    policy (:func:`pipeline.tasks.task_labels`: effusion 1/0, sex M=1/F=0, ...).
     """
     if "label" in predictions.columns:
         values = pd.to_numeric(predictions["label"], errors="coerce")
-    elif task is not None and task in predictions.columns:
-        from pipeline.data.ingest import task_labels
-
+    elif task is not None and set(get_task(task).columns) <= set(predictions.columns):
         values = task_labels(predictions, task)
     else:
-        raise ValueError(f"predictions table has neither a 'label' nor a {task!r} column")
+        raise ValueError(f"predictions table has neither a 'label' nor the label columns of task {task!r}")
     return values.round().astype("Int64")
 
 

@@ -11,7 +11,7 @@ import base64
 import html
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from string import Template
@@ -25,8 +25,21 @@ from pipeline.runtime.atomic import atomic_write_text
 
 TEMPLATE = Path(__file__).parent / "templates" / "cohort.html"
 REPORT_DIR = "cohort_report"
-#: What the classifier recognises, in words, per task (falls back to the positive class name).
+#: What the classifier recognises, in words, per task (else the registry's TaskSpec.text).
 TASK_DESCRIPTIONS = {"effusion": "pleural effusion", "sex": "the patient's sex"}
+
+
+def task_description(task: str, positive_name: str) -> str:
+    """What a classifier for ``task`` recognises, in words (registry: ``TaskSpec.text``)."""
+    if task in TASK_DESCRIPTIONS:
+        return TASK_DESCRIPTIONS[task]
+    from pipeline.errors import UserError
+    from pipeline.tasks import get_task
+
+    try:
+        return get_task(task).text
+    except UserError:
+        return positive_name
 
 EXPLAINER = """
 <p class="explain"><b>What was done.</b> A <i>classifier</i> was trained to recognise {task_text} on the
@@ -146,6 +159,9 @@ def _checks_section(metrics: Mapping[str, Any], split: str = "val") -> str | Non
     if preference is not None and not math.isnan(preference):
         items.append(f"<li>The projected fluid keeps its contrast {_fmt(preference, 2)}× better than the lung "
                      "texture around it (above 1: the effusion sign is preferentially kept).</li>")
+    if items and get("mean_distractor_retention") is None:
+        items.append("<li>No ground-truth checks: how much of a burned-in mark survives, and the shortcut flag, "
+                     "need the masks that only the demo cohort has.</li>")
     if not items:
         return None
     return ('<section><h2>Checks</h2><p class="explain">Validation split. Measured against an independent '
@@ -163,8 +179,10 @@ def render_cohort_html(
     run_dir_hint: str = "RUN_DIR",
     studies_href: str = "../studies",
     run_metrics: Mapping[str, Any] | None = None,
+    secondary_captures: str | None = None,
 ) -> str:
-    """The report page as a string. ``plots`` maps ``tradeoff|bpd_hist|subgroups`` to PNG files."""
+    """The report page as a string. ``plots`` maps ``tradeoff|bpd_hist|subgroups`` to PNG files;
+    ``secondary_captures``: a sentence on the DICOM Secondary Captures (:func:`secondary_capture_note`)."""
     overall = cohort.summarise(table).iloc[0]
     by_label = cohort.summarise(table, by="label")
     by_label["label"] = by_label["label"].map(
@@ -178,7 +196,7 @@ def render_cohort_html(
                  "mean_bpd_simpl": "bpd simplified"}
     sections = [
         f"<section><h2>How to read this report</h2>"
-        f"{EXPLAINER.format(task_text=html.escape(TASK_DESCRIPTIONS.get(task, positive_name)))}</section>",
+        f"{EXPLAINER.format(task_text=html.escape(task_description(task, positive_name)))}</section>",
         "<section><h2>Key numbers</h2><div class=\"cards\">"
         + _card("AUROC", overall["auroc_orig"], overall["auroc_simpl"])
         + _card("accuracy", overall["accuracy_orig"], overall["accuracy_simpl"])
@@ -224,7 +242,8 @@ def render_cohort_html(
         '<li>All studies as a table: <a href="studies.csv">studies.csv</a> · <a href="studies.parquet">studies.parquet</a></li>'
         f"<li>Rate the simplified images side by side with the originals:<pre>simplebits review {hint}</pre></li>"
         f"<li>Browse runs, metrics and artifacts in MLflow:<pre>mlflow ui --backend-store-uri sqlite:///{hint}/mlflow.db</pre></li>"
-        "</ul></section>"
+        + (f"<li>{html.escape(secondary_captures)}</li>" if secondary_captures else "")
+        + "</ul></section>"
     )
     when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     return Template(TEMPLATE.read_text()).substitute(
@@ -247,9 +266,11 @@ def write_cohort_report(
     run_dir_hint: str = "RUN_DIR",
     studies_href: str = "../studies",
     run_metrics: Mapping[str, Any] | None = None,
+    secondary_captures: str | None = None,
 ) -> Path:
     """Tables, plots and ``index.html`` into ``out_dir`` (normally ``RUN_DIR/cohort_report``);
-    ``run_metrics``: the simplification run's ``metrics.json`` (its checks get a section)."""
+    ``run_metrics``: the simplification run's ``metrics.json`` (its checks get a section);
+    ``secondary_captures``: a sentence on the DICOM Secondary Captures."""
     out_dir = Path(out_dir)
     cohort.write_study_table(table, out_dir)
     subgroups = cohort.subgroup_performance(table, families, min_subgroup_size)
@@ -260,7 +281,7 @@ def write_cohort_report(
     if sweep is not None and len(sweep):
         plots["tradeoff"] = cohort.plot_tradeoff(sweep, out_dir / "plots" / "tradeoff.png")
     page = render_cohort_html(table, subgroups, plots, task, setting, positive_name, run_dir_hint, studies_href,
-                              run_metrics)
+                              run_metrics, secondary_captures)
     atomic_write_text(out_dir / "index.html", page)
     return out_dir / "index.html"
 
@@ -273,10 +294,12 @@ def write_run_cohort_report(
     class_names: Mapping[str, tuple[str, str]] | None = None,
     families: tuple[str, ...] = cohort.SUBGROUP_FAMILIES,
     min_subgroup_size: int = 1,
+    secondary_captures: Sequence[Path] | None = None,
 ) -> Path:
-    """The cohort report of one simplification run, into ``RUN_DIR/cohort_report``."""
+    """The cohort report of one simplification run, into ``RUN_DIR/cohort_report``;
+    ``secondary_captures``: the ones written for it, None if none were asked for."""
     from pipeline.data.store import image_loader
-    from pipeline.report.study import DEFAULT_CLASS_NAMES, parse_simplify_name, read_manifest, read_predictions
+    from pipeline.report.study import class_names_for, parse_simplify_name, read_manifest, read_predictions
 
     run_dir = Path(run_dir)
     sim_dir = run_dir / "simplify" / simplify_name
@@ -288,11 +311,33 @@ def write_run_cohort_report(
         raise ValueError(f"{sim_dir / 'predictions.csv'}: no studies to report (splits={splits})")
     first = predictions["study_id"].iloc[0]
     dims = image_loader(sim_dir / "simplified")(first).size
-    table = cohort.build_study_table(predictions, read_manifest(run_dir), dims=dims, task=task)
-    names = {**DEFAULT_CLASS_NAMES, **(class_names or {})}.get(task, ("negative", "positive"))
+    manifest = read_manifest(run_dir)
+    table = cohort.build_study_table(predictions, manifest, dims=dims, task=task)
+    names = class_names_for(task, class_names)
     metrics_path = sim_dir / "metrics.json"
     return write_cohort_report(
         run_dir / REPORT_DIR, table, task, setting, names[1], sweep, families, min_subgroup_size,
         run_dir_hint=str(run_dir),
         run_metrics=json.loads(metrics_path.read_text()) if metrics_path.is_file() else None,
+        secondary_captures=secondary_capture_note(secondary_captures, manifest, run_dir),
     )
+
+
+#: Image files that are never DICOM: their studies have no DICOM study to add a Secondary Capture to.
+_NON_DICOM_SUFFIXES = (".jpg", ".jpeg", ".png")
+
+
+def secondary_capture_note(captures: Sequence[Path] | None, manifest: pd.DataFrame | None,
+                           run_dir: str | Path) -> str:
+    """One sentence for the report: how many Secondary Captures were written, or why there are none."""
+    if captures is None:
+        return ("No DICOM Secondary Captures were asked for (simplebits report --dicom writes them where the "
+                "sources are DICOM files).")
+    if captures:
+        return (f"{len(captures)} simplified images were written as DICOM Secondary Captures, each as a new "
+                f"series of its source study, to {Path(run_dir) / 'dicom_sc'}.")
+    if manifest is not None and manifest["image_path"].str.lower().str.endswith(_NON_DICOM_SUFFIXES).all():
+        return ("No DICOM Secondary Captures: this cohort's images were read from JPEG/PNG files, which belong "
+                "to no DICOM study that a simplified image could join as a new series.")
+    return ("No DICOM Secondary Captures: none of the reported studies has a readable DICOM source file "
+            "(they are written only into the DICOM studies the images came from).")

@@ -22,6 +22,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image, ImageDraw, ImageFont
 
+from pipeline.errors import PathNotFoundError, UserError
 from pipeline.runtime.atomic import atomic_write_bytes, atomic_write_text
 from pipeline.runtime.progress import progress
 
@@ -35,6 +36,24 @@ DEFAULT_CLASS_NAMES: dict[str, tuple[str, str]] = {
     "effusion": ("no effusion", "effusion"),
     "sex": ("female", "male"),
 }
+
+
+def class_names_for(task: str, class_names: Mapping[str, tuple[str, str]] | None = None) -> tuple[str, str]:
+    """Names of label 0 and label 1 for ``task``: configured, built-in, the task registry's
+    (``support_devices`` -> ``no support devices`` / ``support devices``), else from the task's name."""
+    names = {**DEFAULT_CLASS_NAMES, **(class_names or {})}
+    if task in names:
+        return names[task]
+    from pipeline.tasks import get_task
+
+    try:
+        return get_task(task).label_names
+    except UserError:  # a task of another session's registry: its name still reads
+        pass
+    words = task.replace("_", " ")
+    return f"no {words}", words
+
+
 #: Manifest attributes copied into the JSON record: pseudonymous or coarse by construction.
 RECORD_ATTRIBUTES = ("view", "sex", "age_band", "source", "split")
 _OVERLAY_MAX_ALPHA = 0.85
@@ -92,7 +111,7 @@ def make_study_report(
     class_names: Mapping[str, tuple[str, str]] | None = None,
 ) -> StudyReport:
     """A report from one study-table row (:func:`pipeline.report.cohort.build_study_table`)."""
-    names = {**DEFAULT_CLASS_NAMES, **(class_names or {})}.get(task, ("negative", "positive"))
+    names = class_names_for(task, class_names)
     label = None if _plain(row["label"]) is None else int(row["label"])
     attributes = {k: _plain(row[k]) for k in RECORD_ATTRIBUTES if k in row and _plain(row[k]) is not None}
     return StudyReport(
@@ -301,7 +320,7 @@ def parse_simplify_name(name: str) -> tuple[str, str]:
 def read_predictions(path: str | Path) -> pd.DataFrame:
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: predictions table not found")
+        raise PathNotFoundError(f"{path}: predictions table not found")
     return pd.read_csv(path, dtype={"study_id": str})
 
 

@@ -48,6 +48,7 @@ from pipeline.config import StrictModel, save_resolved_config
 from pipeline.data.dataset import CohortDataset, Images
 from pipeline.data.ingest import Cohort, load_cohort, load_task_splits
 from pipeline.data.store import StoredImages
+from pipeline.errors import UserError
 from pipeline.models.bpd import glow_input_bpd, quantize_8bit, to_glow_input
 from pipeline.models.classifiers import load_classifier
 from pipeline.models.simplifier import Simplifier, create_simplifier, save_simplifier, soft_clamp
@@ -102,11 +103,12 @@ CHECKPOINT_NAME = "checkpoint.pt"
 
 
 class ClassifierSpec(StrictModel):
-    """A frozen classifier: weights file plus (for models trained elsewhere) the registered network name."""
+    """A frozen classifier: any file ``load_classifier`` reads (pipeline/models/classifiers.py)."""
 
     path: str
-    name: str | None = None  # None: read from the sibling .json written by save_classifier
-    kwargs: dict[str, Any] = {}
+    name: str | None = None  # registered name or module:function; None: the side-car .json's
+    kwargs: dict[str, Any] = {}  # network kwargs over the side-car's
+    adapter: dict[str, Any] = {}  # adapter fields over the side-car's (pipeline/models/adapter.py)
 
 
 class AuditObjectiveConfig(StrictModel):
@@ -198,11 +200,22 @@ class StudyAudit:
 # Frozen classifiers
 
 
-def load_frozen_classifiers(specs: Sequence[ClassifierSpec], device: torch.device) -> list[nn.Module]:
-    """Load each spec in eval mode with gradients off (inputs still receive gradients)."""
+def load_frozen_classifiers(specs: Sequence[ClassifierSpec], device: torch.device,
+                            task: str | None = None) -> list[nn.Module]:
+    """Load each spec behind its adapter, in eval mode with gradients off (inputs still receive gradients).
+
+    ``task`` picks a multi-label head's output by name where the spec gives no index.
+    """
     if not specs:
-        raise ValueError("an audit needs at least one classifier (--classifier)")
-    return [freeze(load_classifier(spec.path, spec.name, **spec.kwargs)).to(device) for spec in specs]
+        raise UserError("an audit needs at least one classifier (--classifier)")
+    models = []
+    for spec in specs:
+        model = load_classifier(spec.path, spec.name, spec.kwargs, spec.adapter, task=task)
+        if model.scripted:
+            log.warning("%s: TorchScript hides the network's layers from the audit's hooks; its evidence is "
+                        "matched at the network input only (gradient x input)", Path(spec.path).name)
+        models.append(freeze(model).to(device))
+    return models
 
 
 def freeze(model: nn.Module) -> nn.Module:
@@ -712,7 +725,7 @@ def audit_command(
         return finished
     cohorts = load_task_splits(ingest_dir, task)
     prior = load_prior(config.prior, device=context.device)
-    classifiers = load_frozen_classifiers(config.classifiers, context.device)
+    classifiers = load_frozen_classifiers(config.classifiers, context.device, config.task)
     tracker = Tracker.from_config(out_dir, config.tracking, enabled=context.is_main)
     if context.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -763,7 +776,7 @@ def audit_study_command(
     index = cohort.study_ids.index(study_id)
     device = pick_device(config.device)
     prior = load_prior(config.prior, device=device)
-    classifiers = load_frozen_classifiers(config.classifiers, device)
+    classifiers = load_frozen_classifiers(config.classifiers, device, config.task)
     label = int(cohort.labels(task)[index])
     result = simplify_study(cohort.images[[index]], classifiers, prior, config, label=label)
     out_dir = Path(out_dir)

@@ -56,7 +56,7 @@ from pipeline.data.dataset import CohortDataset, Images
 from pipeline.data.ingest import Cohort, load_task_splits
 from pipeline.data.store import StoredImages
 from pipeline.models.bpd import dequantization_offsets, glow_input_bpd, to_glow_input
-from pipeline.models.classifiers import create_classifier, read_state_dict, save_classifier
+from pipeline.models.classifiers import create_classifier, load_classifier, save_classifier
 from pipeline.models.simplifier import Simplifier, create_simplifier, save_simplifier
 from pipeline.prior import load_prior
 from pipeline.runtime.atomic import atomic_write_text
@@ -166,6 +166,9 @@ class JointConfig(StrictModel):
     # weights of the same network trained on originals (classify train's model.safetensors): the bpd
     # gate then opens from the first epoch, which short CPU runs need; None trains f from scratch (paper)
     classifier_init: str | None = None
+    # adapter fields over classifier_init's side-car (pipeline/models/adapter.py); a file without a
+    # side-car gets none but these (never the package's own normalisation)
+    classifier_adapter: dict[str, Any] = {}
     simplifier: SimplifierConfig = SimplifierConfig()
     simplify: ObjectiveConfig = ObjectiveConfig()
     train: JointTrainConfig = JointTrainConfig()
@@ -479,14 +482,6 @@ def evaluate_joint(
 # Training
 
 
-def initialise_classifier(classifier: nn.Module, path: str | Path) -> None:
-    """Load pretrained weights into the joint classifier; a different network is an error naming the file."""
-    try:
-        classifier.load_state_dict(read_state_dict(path))
-    except RuntimeError as err:
-        raise ValueError(f"{path}: weights do not fit the joint classifier (classifier.name/kwargs): {err}") from err
-
-
 def _single_lambda(config: JointConfig) -> float:
     if isinstance(config.simplify.lam, list):
         raise ValueError("train_joint takes one simplify.lam; use run_joint/sweep for a list")
@@ -497,10 +492,12 @@ def joint_models(config: JointConfig, device: torch.device) -> tuple[Simplifier,
     """The simplifier (identity at start) and the classifier (``classifier_init`` or random), seeded."""
     seed_everything(config.seed)
     simplifier = create_simplifier(**config.simplifier.model_dump()).to(device)
-    classifier = create_classifier(config.classifier.name, **config.classifier.kwargs)
     if config.classifier_init is not None:
-        initialise_classifier(classifier, config.classifier_init)
+        # the configured network, with classifier_init's weights (any key prefix) and adapter
+        classifier = load_classifier(config.classifier_init, config.classifier.name, config.classifier.kwargs,
+                                     config.classifier_adapter, task=config.task, trainable=True)
     else:
+        classifier = create_classifier(config.classifier.name, **config.classifier.kwargs)
         log.warning("joint training from a random classifier (no classifier_init): bits are charged only "
                     "where its cross-entropy on originals is below 0.1, which a short run may never reach "
                     "(on an H100, 8 of 10 epochs had a closed gate and bpd rose to 12-51); pass "
@@ -612,9 +609,8 @@ def save_joint_outputs(result: JointResult, cohorts: dict[str, Cohort], prior: n
     if is_main_process():
         save_simplifier(result.simplifier, out_dir / "simplifier.safetensors", task=task, lam=lam,
                         input_size=size)
-        save_classifier(result.classifier, out_dir / "classifier.safetensors", config.classifier.name,
-                        config.classifier.kwargs, task=task, input_size=size, trained_on="simplified",
-                        lam=lam)
+        save_classifier(result.classifier, out_dir / "classifier.safetensors", task=task, input_size=size,
+                        trained_on="simplified", lam=lam)
         if len(baselines):
             atomic_write_text(out_dir / "baselines.csv", baselines.to_csv(index=False))
         predictions = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()

@@ -28,13 +28,20 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from pipeline.models.adapter import NetworkInput
+
 DISTANCES = ("normed_sse", "cosine")
 _EPS = 1e-10
 
 
 def matched_modules(model: nn.Module) -> list[nn.Module]:
-    """The modules whose evidence is matched: every ``Conv2d`` and ``Linear`` (including subclasses)."""
+    """The modules whose evidence is matched: every ``Conv2d`` and ``Linear`` (including subclasses).
+
+    A TorchScript network's layers run inside its compiled graph, where hooks never fire; its evidence
+    is matched at its input instead (the adapter's :class:`NetworkInput`: gradient x input).
+    """
     modules = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    modules = modules or [m for m in model.modules() if isinstance(m, NetworkInput)]
     if not modules:
         raise ValueError(f"{type(model).__name__} has no Conv2d or Linear module to match")
     return modules

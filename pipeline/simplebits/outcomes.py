@@ -84,9 +84,10 @@ class IndependentConfig(StrictModel):
     """The independent check classifier: loaded from ``path``, else trained on the originals."""
 
     enabled: bool = True
-    path: str | None = None
-    name: str | None = None
+    path: str | None = None  # any file load_classifier reads (pipeline/models/classifiers.py)
+    name: str | None = None  # registered name or module:function; None: the side-car .json's
     kwargs: dict[str, Any] = {}
+    adapter: dict[str, Any] = {}  # adapter fields over the side-car's (pipeline/models/adapter.py)
     seed: int = 1
     # a BatchNorm ResNet-18, a different architecture from the NF-WRN usually audited; a quarter of the
     # channels trains 10x faster on CPU (0.15 vs 1.5 s per batch of 32 at 64 px)
@@ -189,7 +190,7 @@ def independent_classifier(
     if not spec.enabled:
         return None
     if spec.path is not None:
-        model = load_classifier(spec.path, spec.name, **spec.kwargs)
+        model = load_classifier(spec.path, spec.name, spec.kwargs, spec.adapter, task=task)
     else:
         config = ClassifyConfig(
             task=task,

@@ -1,1 +1,1 @@
-"""Supervised training loops: the effusion/sex classifier on originals (and on any tensors)."""
+"""Supervised training loops: the classifier of any task (effusion, sex, ...) on originals (and on any tensors)."""

@@ -244,8 +244,10 @@ def test_load_cohort(cohort_folder, tmp_path):
     train = load_cohort(out, split="train")
     assert train.study_ids == [sid("good-dx.dcm"), sid("good-rgba.png")]
     torch.testing.assert_close(train.images[1], cohort.images[2])
-    with pytest.raises(ValueError, match="task must be one of"):
-        cohort.labels("cardiomegaly")
+    with pytest.raises(ValueError, match=r"task 'cardiomegaly' needs manifest column\(s\) \['cardiomegaly'\]"):
+        cohort.labels("cardiomegaly")  # a known task, but this cohort has no such column
+    with pytest.raises(ValueError, match="unknown task 'cardiomegally'; known tasks: no_finding, "):
+        cohort.labels("cardiomegally")
 
 
 def test_cli_ingest(cohort_folder, tmp_path):

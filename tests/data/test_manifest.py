@@ -75,7 +75,7 @@ def test_missing_columns_named_with_source():
         ("sex", "X", "sex has values"),
         ("split", "validate", "split has values"),
         ("source", "padchest", "source has values"),
-        ("effusion", 2, "effusion must be 1, 0 or empty"),
+        ("effusion", 2, r"effusion must be 1, 0, -1 \(uncertain\) or empty"),
         ("effusion", "yes", "effusion is not a number"),
         ("age", -3, "negative age"),
         ("image_path", "", "empty image_path"),
@@ -184,3 +184,40 @@ def test_balance_classes_equalises_each_split_and_drops_unknown():
     by_sex = balance_classes(df, "sex", seed=0)
     assert set(by_sex["sex"]) == {"M", "F"}
     assert (by_sex.groupby(["split", "sex"]).size().unstack().nunique(axis=1) == 1).all()
+
+
+def test_finding_columns_are_optional_raw_codes_in_canonical_order(tmp_path):
+    df = make_manifest()
+    df.insert(2, "support_devices", [1, 0, "-1", ""] * 3)  # anywhere in the input ...
+    df["no_finding"] = [np.nan, 1.0, 0.0] * 4
+    df.loc[2, "effusion"] = -1  # uncertain is kept as written: the task's policy decides
+    path = write_manifest(df, tmp_path / "m.csv")
+    assert path.read_text().splitlines()[0] == ",".join([*MANIFEST_COLUMNS, "no_finding", "support_devices"])
+    back = read_manifest(path)  # ... written after the schema columns, in FINDINGS order
+    assert back["support_devices"].dtype == "Int64"
+    assert back["support_devices"].tolist()[:4] == [1, 0, -1, pd.NA]
+    assert back["effusion"].tolist()[2] == -1
+    old = read_manifest(write_manifest(make_manifest(), tmp_path / "old.csv"))  # effusion only: still valid
+    assert list(old.columns) == list(MANIFEST_COLUMNS)
+
+
+def test_unknown_finding_column_and_bad_code_rejected():
+    df = make_manifest().assign(cardiomegally=1)
+    with pytest.raises(ManifestError, match=r"undocumented extra columns \['cardiomegally'\]"):
+        validate_manifest(df, source="m.csv")
+    df = make_manifest().assign(cardiomegaly=["1", "0.5"] * 6)
+    with pytest.raises(ManifestError, match=r"m.csv: cardiomegaly must be 1, 0, -1 \(uncertain\) or empty"):
+        validate_manifest(df, source="m.csv")
+
+
+def test_balance_on_any_task_uses_its_label_policy():
+    df = assign_patient_splits(many_patients(600), seed=0)
+    df["cardiomegaly"] = pd.array(np.resize([1, 0, 0, -1, pd.NA], len(df)), dtype="Int64")
+    balanced = balance_classes(df, "cardiomegaly", seed=0)
+    assert set(balanced["cardiomegaly"].astype(int)) == {0, 1}  # uncertain and blank dropped
+    counts = balanced.groupby(["split", "cardiomegaly"]).size().unstack()
+    assert (counts[0] == counts[1]).all()
+    from pipeline.errors import UserError
+
+    with pytest.raises(UserError, match="unknown task 'cardio'"):
+        balance_classes(df, "cardio")

@@ -3,6 +3,7 @@ import json
 import pytest
 import torch
 
+from pipeline.errors import UserError
 from pipeline.models.classifiers import (
     ScaledStdConv2d,
     create_classifier,
@@ -78,20 +79,22 @@ def test_save_and_load_round_trip(tmp_path):
 
 
 def test_load_a_torch_state_dict_trained_elsewhere(tmp_path):
-    """A DDP-style checkpoint (``module.`` prefix, wrapped in a dict) loads given the network name."""
+    """A DDP-style checkpoint (``module.`` prefix, wrapped in a dict) loads given the network name, and
+    gets no input normalisation it did not declare (the package's (x-0.2)/0.3 is not assumed)."""
     model = create_classifier("nf_cnn").eval()
-    state = {"state_dict": {f"module.{k}": v for k, v in model.state_dict().items()}}
+    state = {"state_dict": {f"module.{k}": v for k, v in model.net.state_dict().items()}}
     torch.save(state, tmp_path / "elsewhere.pt")
-    loaded = load_classifier(tmp_path / "elsewhere.pt", "nf_cnn")
     x = torch.rand(2, 1, 32, 32)
-    assert torch.equal(loaded(x), model(x))
+    assert torch.equal(load_classifier(tmp_path / "elsewhere.pt", "nf_cnn")(x), model.net(x))
+    declared = {"intensity": "mean_std", "mean": [0.2], "std": [0.3]}
+    assert torch.equal(load_classifier(tmp_path / "elsewhere.pt", "nf_cnn", adapter=declared)(x), model(x))
 
 
 def test_load_errors_name_the_file(tmp_path):
     torch.save(create_classifier("nf_cnn").state_dict(), tmp_path / "w.pt")
-    with pytest.raises(ValueError, match="w.pt.*nf_wrn_16_2"):
+    with pytest.raises(UserError, match="w.pt.*nf_wrn_16_2"):
         load_classifier(tmp_path / "w.pt", "nf_wrn_16_2")
-    with pytest.raises(ValueError, match="no w.json"):
+    with pytest.raises(UserError, match="no w.json"):
         load_classifier(tmp_path / "w.pt")
-    with pytest.raises(FileNotFoundError, match="missing.pt"):
+    with pytest.raises(UserError, match="missing.pt"):
         load_classifier(tmp_path / "missing.pt", "nf_cnn")

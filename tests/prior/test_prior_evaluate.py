@@ -57,3 +57,18 @@ def test_bpd_command_writes_a_table_from_an_ingest_folder(tmp_path, model):
     assert code == 0 and table["study_id"].tolist() == ids
     assert table["split"].tolist() == ["train", "train", "val", "test"]
     assert table["bpd"].between(0, 30).all() and table["bpd"].nunique() == 4
+
+
+def test_bpd_table_carries_the_label_columns_of_its_tasks(model):
+    from pipeline.tasks import task_labels
+
+    images = np.random.default_rng(0).integers(0, 256, (3, 1, 16, 16), dtype=np.uint8)
+    frame = pd.DataFrame({"study_id": ["std-a", "std-b", "std-c"], "split": ["train", "val", "test"],
+                          "effusion": pd.array([1, 0, -1], dtype="Int64"), "sex": ["M", "F", ""],
+                          "cardiomegaly": pd.array([0, None, 1], dtype="Int64"),
+                          "no_finding": pd.array([0, 1, 0], dtype="Int64"), "age": [70.0, 50.0, None]})
+    table = bpd_table(model, images, frame, tasks=["cardiomegaly", "effusion_paper", "age_65"])
+    assert list(table.columns) == ["study_id", "split", "effusion", "sex", "cardiomegaly", "no_finding", "age",
+                                   "bpd"]
+    assert task_labels(table, "effusion_paper").tolist()[:2] == [1.0, 0.0]
+    assert task_labels(table, "cardiomegaly").isna().tolist() == [False, True, False]

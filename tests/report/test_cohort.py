@@ -67,8 +67,12 @@ def test_labels_from_task_columns_as_apply_writes_them():
     assert summary["n"] == 8 and summary["n_labelled"] == 7 and summary["n_positive"] == 3
     by_sex = cohort.build_study_table(apply_style, task="sex")
     assert by_sex["label"].tolist() == [0, 0, 0, 0, 1, 1, 1, 1]  # M = 1, as the classifiers are trained
-    with pytest.raises(ValueError, match="'label' nor a 'sex'"):
+    with pytest.raises(ValueError, match="'label' nor the label columns of task 'sex'"):
         cohort.build_study_table(apply_style.drop(columns="sex"), task="sex")
+    # any registered task, its label policy applied: uncertain (-1) and blank are unlabelled
+    devices = apply_style.assign(support_devices=[1, 0, -1, None, 1, 0, 1, 0])
+    table = cohort.build_study_table(devices, task="support_devices")
+    assert table["label"].tolist()[:4] == [1, 0, pd.NA, pd.NA]
 
 
 def test_unknown_attribute_values_form_their_own_subgroup():

@@ -291,12 +291,14 @@ def test_audit_command_writes_outputs_and_skips_when_done(cohorts, frozen, prior
     monkeypatch.setattr(audit, "load_cohort", fake_load_cohort)
     prior_path = save_prior(prior, tmp_path / "prior")
     weights = save_classifier(frozen, tmp_path / "elsewhere.safetensors", "nf_cnn")
-    # a classifier trained elsewhere: no .json next to it, the network name comes from the config
+    # a classifier trained elsewhere: no .json next to it, the network and its input convention come
+    # from the config
     (tmp_path / "elsewhere.json").unlink()
+    declared = {"intensity": "mean_std", "mean": [0.2], "std": [0.3]}
     config = tiny_config(epochs=1, evaluate={"retrain": True, "retrain_train": {"epochs": 1}}).model_copy(
         update={
             "prior": str(prior_path),
-            "classifiers": [audit.ClassifierSpec(path=str(weights), name="nf_cnn")],
+            "classifiers": [audit.ClassifierSpec(path=str(weights), name="nf_cnn", adapter=declared)],
         }
     )
     # demo-cohort ground truth: the texture half as the "distractor", label-correlated in train only
@@ -408,6 +410,7 @@ def test_an_audit_needs_a_classifier():
 
 def test_cli_builds_the_classifier_ensemble(monkeypatch, tmp_path):
     from pipeline.cli import build_parser
+    from pipeline.errors import UserError
 
     seen = {}
     monkeypatch.setattr(
@@ -448,10 +451,10 @@ def test_cli_builds_the_classifier_ensemble(monkeypatch, tmp_path):
     ]
     assert config.task == "sex" and config.audit.lam == 4.0 and config.independent.path == "c.safetensors"
     assert seen["mask_dir"] == "m"
-    with pytest.raises(SystemExit, match="--classifier"):
+    with pytest.raises(UserError, match="--classifier"):
         args = build_parser().parse_args(["simplify", "audit", "--ingest", "in", "--out", str(tmp_path)])
         args.func(args)
-    with pytest.raises(SystemExit, match="one per --classifier"):
+    with pytest.raises(UserError, match="one per --classifier"):
         args = build_parser().parse_args(
             argv + ["--classifier-arch", "nf_cnn", "--classifier-arch", "nf_cnn"]
         )

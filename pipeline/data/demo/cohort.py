@@ -5,8 +5,22 @@ so a study does not depend on the cohort size or on which studies were already r
 run skips finished studies and re-derives the tables from the plan.
 
 Outputs under ``out_dir``: ``dicom/<study_id>.dcm``, ``masks/<study_id>.npz`` (``fluid``, ``lung``,
-``breast``, ``distractor``), ``manifest.csv`` (project schema), ``ground_truth.csv`` (no PHI) and
+``breast``, ``distractor``), ``manifest.csv`` (project schema; findings ``effusion`` and
+``support_devices``, the burned-in marker or tag present or absent), ``ground_truth.csv`` (no PHI) and
 ``config.resolved.yaml``.
+
+Options (all off by default; the default cohort's files do not change with them):
+
+- ``devices.kinds``: support devices placed in the CT before projection (:mod:`.devices`), each with
+  its own masks (``<kind>`` at the cohort size, ``<kind>_<n>`` at each of ``devices.mask_sizes``, and
+  the union ``devices``); presence per study in ``ground_truth.csv`` (one column per kind) and in the
+  manifest's ``support_devices`` (any device or burned-in mark). ``devices.contamination`` makes them
+  follow the label in the train split only.
+- ``counterfactuals``: every study also rendered without each of its devices and without its
+  effusion, ``counterfactuals/no_<feature>/<study_id>.dcm``, same acquisition and noise (see
+  :func:`pipeline.data.demo.render.detect_coupled`); :mod:`.reliance` scores a classifier on them.
+- ``effusion.volume_ml``: e.g. ``(50, 300)`` for the fine-detail cohort, where the only sign is a
+  blunted costophrenic angle or a thin meniscus.
 """
 
 from __future__ import annotations
@@ -15,7 +29,7 @@ import datetime as dt
 import functools
 import io
 import logging
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
@@ -28,6 +42,10 @@ from pydicom.uid import generate_uid
 from pipeline.config import StrictModel, save_resolved_config
 from pipeline.data.demo.breast import BREAST_ATTENUATION, BreastAnchors, breast_anchors, breast_edits
 from pipeline.data.demo.ct import DEFAULT_CACHE_DIR, PreparedCT, prepare_ct
+from pipeline.data.demo.devices import (
+    DEVICE_KINDS, DeviceAnchors, DeviceCloud, DeviceParams, build_device, device_anchors,
+    sample_device_params,
+)
 from pipeline.data.demo.dicom import (
     EncodingVariant, StudyHeader, encode_pixels, sample_variant, tone_lut, write_dicom,
 )
@@ -35,7 +53,8 @@ from pipeline.data.demo.distractors import Distractor, distractor_mask, sample_d
 from pipeline.data.demo.effusion import CACHE_VERSION, FLUID_ATTENUATION, LungSide, lung_side
 from pipeline.data.demo.identities import REFERRERS, accession_number, patient_identity
 from pipeline.data.demo.render import (
-    Detector, Exposure, Pose, detect, project, smooth_displacement, splat_thickness, tone_curve, warp,
+    Detector, Exposure, Pose, area_mean, detect, detect_coupled, detection_window, process, project,
+    sample_volume, smooth_displacement, splat_thickness, tone_curve, warp,
 )
 from pipeline.data.manifest import assign_patient_splits, write_manifest
 from pipeline.data.pseudonym import patient_pseudonym, study_pseudonym
@@ -45,6 +64,7 @@ from pipeline.runtime.progress import progress
 
 log = logging.getLogger(__name__)
 MASK_NAMES = ("fluid", "lung", "breast", "distractor")
+COUNTERFACTUALS_DIR = "counterfactuals"
 
 
 # ----------------------------------------------------------------------------------------------- config
@@ -87,6 +107,23 @@ class DistractorConfig(StrictModel):
     unsaturated_level: tuple[float, float] = (0.82, 0.95)  # log-image value of unsaturated marks
 
 
+class DeviceConfig(StrictModel):
+    """Support devices rendered in 3D (:mod:`pipeline.data.demo.devices`); none by default."""
+
+    kinds: list[Literal["chest_drain", "ecg", "pacemaker"]] = []
+    # Train split: P(device | positive) = contamination, P(device | negative) = 1 - contamination, for
+    # each kind independently. None: every split draws at base_rate, independent of the label.
+    contamination: float | None = Field(None, ge=0, le=1)
+    follows: Literal["effusion", "sex"] = "effusion"  # the label contamination follows (sex: M positive)
+    base_rate: float = Field(0.5, ge=0, le=1)  # P(device) on val/test, and everywhere without contamination
+    # A pixel belongs to a device where it changes the projected attenuation by at least this many
+    # water-equivalent mm (2 mm: ~4% of the primary beam at mu_water 0.02/mm).
+    mask_threshold_mm: float = Field(2.0, gt=0)
+    # Working resolutions that get their own device masks (the area mean of the device's line integral
+    # at that detector size: thin devices vanish from a downsampled binary mask, not from the image).
+    mask_sizes: list[int] = [32, 64]
+
+
 class RenderConfig(StrictModel):
     field_of_view_mm: float = 360.0
     n_points: int = Field(96, ge=8)
@@ -111,6 +148,9 @@ class DemoCohortConfig(StrictModel):
     sex: SexConfig = SexConfig()
     nuisance: NuisanceConfig = NuisanceConfig()
     distractor: DistractorConfig = DistractorConfig()
+    devices: DeviceConfig = DeviceConfig()
+    # Also render each study without each of its devices and without its effusion (for reliance).
+    counterfactuals: bool = False
     render: RenderConfig = RenderConfig()
 
     @model_validator(mode="after")
@@ -147,10 +187,21 @@ class StudyPlan:
     header: StudyHeader
     encoding_seed: int
     correlated: bool = field(default=False)
+    device_kinds: tuple[str, ...] = ()  # the kinds this cohort renders (config), present or not
+    devices: tuple[str, ...] = ()  # the kinds present in this study
+    device_params: DeviceParams | None = None
+    device_correlated: bool = False  # devices drawn with the train split's contamination
 
     @property
     def effusion(self) -> int:
         return int(self.effusion_side != "none")
+
+    @property
+    def support_devices(self) -> int:
+        """The positive control's label: 1 where a burned-in marker or text tag is drawn (the
+        ``distractor`` mask), else 0. An audit of a classifier for it must keep what the other
+        tasks' audits remove. With 3D devices: a mark or any device."""
+        return int(self.distractor is not None or bool(self.devices))
 
 
 def _uniform(rng: np.random.Generator, bounds: tuple[float, float]) -> float:
@@ -251,7 +302,7 @@ def _plan_study(config: DemoCohortConfig, index: int, sex: str, identity, date: 
         kvp=float(rng.choice([110, 115, 120, 125])), exposure_mas=exposure.photons_per_mm2 / 1000.0,
         burned_in_annotation=present,
     )
-    return StudyPlan(
+    plan = StudyPlan(
         index=index, study_id=study_pseudonym(study_uid), patient_id=patient_pseudonym(identity.mrn),
         split=split, sex=sex, age=round(age, 1), effusion_side=side,
         volume_left_ml=round(volume_left, 1), volume_right_ml=round(volume_right, 1),
@@ -260,6 +311,25 @@ def _plan_study(config: DemoCohortConfig, index: int, sex: str, identity, date: 
         distractor=candidate if present else None, distractor_level=level, variant=variant, header=header,
         encoding_seed=int(rng.integers(2**32)), correlated=correlated,
     )
+    return _plan_devices(config, plan) if config.devices.kinds else plan
+
+
+def _plan_devices(config: DemoCohortConfig, plan: StudyPlan) -> StudyPlan:
+    """Which devices a study has, from its own generator (the other draws of the plan are untouched)."""
+    devices = config.devices
+    rng = np.random.default_rng([config.seed, 3, plan.index])
+    contaminated = devices.contamination is not None and plan.split == "train"
+    if contaminated:
+        positive = plan.effusion == 1 if devices.follows == "effusion" else plan.sex == "M"
+        p_present = devices.contamination if positive else 1.0 - devices.contamination
+    else:
+        p_present = devices.base_rate
+    kinds = tuple(k for k in DEVICE_KINDS if k in devices.kinds)
+    # one draw per known kind whether enabled or not: a study's ECG does not change when drains are added
+    draws = dict(zip(DEVICE_KINDS, rng.random(len(DEVICE_KINDS))))
+    present = tuple(k for k in kinds if draws[k] < p_present)
+    return replace(plan, device_kinds=kinds, devices=present, device_params=sample_device_params(rng),
+                   device_correlated=contaminated)
 
 
 # ---------------------------------------------------------------------------------------------- render
@@ -267,7 +337,9 @@ def _plan_study(config: DemoCohortConfig, index: int, sex: str, identity, date: 
 class RenderedStudy:
     display: np.ndarray  # (size, size) float32 in [0, 1], bright = attenuating
     log_image: np.ndarray  # before the tone curve
-    masks: dict[str, np.ndarray]  # MASK_NAMES -> bool (size, size)
+    masks: dict[str, np.ndarray]  # MASK_NAMES (and device masks) -> bool (size, size) or (n, n)
+    # "no_<feature>" -> (display, log_image) of the same study without that device or the effusion
+    counterfactuals: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
 
 
 def inplane_voxels_for(size: int) -> int:
@@ -289,12 +361,88 @@ class DemoScene:
         self.detector = Detector(config.size, config.render.field_of_view_mm)
 
     def render(self, plan: StudyPlan) -> RenderedStudy:
-        ct, volume, thresholds = self.ct, self.volume, self.config.render.mask_threshold_mm
+        ct, thresholds = self.ct, self.config.render.mask_threshold_mm
+        clouds = {kind: build_device(kind, self.anchors_for_devices, plan.device_params)
+                  for kind in plan.devices}
+        projected = self._project(plan, clouds, effusion=True)
+
+        rng = np.random.default_rng([self.config.seed, 2, plan.index])
+        # One in-plane deformation for the image and its masks, so they stay registered.
+        displacement = smooth_displacement(rng, self.config.size, plan.warp_mm / self.detector.pixel_mm)
+        counterfactuals: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        excess: dict[str, np.ndarray] = {}
+        if not self.coupled:
+            log_image, display = detect(warp(projected.line_integral, displacement), plan.exposure,
+                                        self.detector.pixel_mm, rng)
+        else:
+            quantiles = rng.random(projected.line_integral.shape)
+
+            def acquire(line_integral: np.ndarray) -> np.ndarray:
+                return detect_coupled(line_integral, plan.exposure, self.detector.pixel_mm, quantiles)
+
+            # Line integrals are linear in the volume: the device layers add to the anatomy's, after
+            # the same warp, so a variant without a device differs from the study by that layer only.
+            base = warp(projected.line_integral, displacement)
+            excess = {k: warp(v, displacement) for k, v in projected.device_excess.items()}
+            bare = acquire(base)
+            # One window for every variant (the study's own without devices), so that removing a
+            # feature changes only the pixels it covers, not the whole image's windowing.
+            window = detection_window(bare)
+            full = acquire(base + sum(excess.values())) if excess else bare
+            log_image, display = process(full, plan.exposure, window)
+            if self.config.counterfactuals:
+
+                def variant(line_integral: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+                    log_variant, display_variant = process(acquire(line_integral), plan.exposure, window)
+                    return display_variant, log_variant
+
+                for kind in excess:
+                    others = sum((v for k, v in excess.items() if k != kind), np.zeros_like(base))
+                    counterfactuals[f"no_{kind}"] = variant(base + others)
+                if plan.effusion:
+                    dry = self._project(plan, clouds, effusion=False)
+                    counterfactuals["no_effusion"] = variant(warp(dry.line_integral, displacement) + sum(
+                        (warp(v, displacement) for v in dry.device_excess.values()), np.zeros_like(base)))
+
+        voxel = (ct.spacing[2], ct.spacing[0])
+        thickness = {
+            "fluid": self._mask(projected.fluid_points, projected.fluid_weights, plan.pose, voxel),
+            "lung": self._mask([self.lung_points], [self.lung_weights], plan.pose, self.lung_extent),
+            "breast": self._mask(projected.breast_points, projected.breast_weights, plan.pose, voxel),
+        }
+        masks = {name: warp(map_, displacement) >= thresholds[name] for name, map_ in thickness.items()}
+        masks["distractor"] = np.zeros((self.config.size,) * 2, dtype=bool)
+        if plan.device_kinds:
+            masks.update(self._device_masks(plan, excess))
+        if plan.distractor is not None:
+            mark = distractor_mask(plan.distractor, self.config.size)
+            level = 1.0 if plan.distractor.saturated else plan.distractor_level
+            for variant_display, variant_log in [(display, log_image), *counterfactuals.values()]:
+                variant_log[mark] = level
+                variant_display[mark] = tone_curve(np.float32(level), plan.exposure.gamma)
+            masks["distractor"] = mark
+        return RenderedStudy(display, log_image, masks, counterfactuals)
+
+    @property
+    def coupled(self) -> bool:
+        """Whether studies are rendered as sets of variants with common noise (devices or counterfactuals)."""
+        return bool(self.config.devices.kinds) or self.config.counterfactuals
+
+    @functools.cached_property
+    def anchors_for_devices(self) -> DeviceAnchors:
+        return _device_anchors(inplane_voxels_for(self.config.size), self.config.render.bone_multiplier,
+                               self.config.cache_dir)
+
+    def _project(self, plan: StudyPlan, clouds: dict[str, DeviceCloud], effusion: bool) -> _Projection:
+        """Line integral of the study's volume (with or without its effusion) and, read from that same
+        volume, each device's excess attenuation splatted onto the detector."""
+        ct, volume = self.ct, self.volume
         edited: list[tuple[slice, ...]] = []
         fluid_points, fluid_weights = [], []
+        device_excess = {}
         try:
             for side, ml in (("left", plan.volume_left_ml), ("right", plan.volume_right_ml)):
-                if ml > 0:
+                if ml > 0 and effusion:
                     lung = self.sides[side]
                     fraction = lung.fraction_for_volume(ml)
                     self._blend(lung.box, fraction, FLUID_ATTENUATION)
@@ -312,30 +460,34 @@ class DemoScene:
                 breast_weights.append(weights)
             line_integral = project(volume, ct.half_extent, plan.pose, self.detector,
                                     self.config.render.n_points).cpu().numpy()
+            for kind, cloud in clouds.items():
+                # the device displaces the tissue it occupies: what it adds is its excess attenuation
+                tissue = sample_volume(volume, ct.half_extent, cloud.points)
+                weights = (cloud.attenuation - tissue) * cloud.volume_mm3
+                device_excess[kind] = splat_thickness(cloud.points, weights, plan.pose, self.detector)
         finally:
             for box in edited:
                 volume[box] = self.pristine[box].to(self.device)
+        return _Projection(line_integral, fluid_points, fluid_weights, breast_points, breast_weights,
+                           device_excess)
 
-        rng = np.random.default_rng([self.config.seed, 2, plan.index])
-        # One in-plane deformation for the image and its masks, so they stay registered.
-        displacement = smooth_displacement(rng, self.config.size, plan.warp_mm / self.detector.pixel_mm)
-        log_image, display = detect(warp(line_integral, displacement), plan.exposure, self.detector.pixel_mm,
-                                    rng)
-        voxel = (ct.spacing[2], ct.spacing[0])
-        thickness = {
-            "fluid": self._mask(fluid_points, fluid_weights, plan.pose, voxel),
-            "lung": self._mask([self.lung_points], [self.lung_weights], plan.pose, self.lung_extent),
-            "breast": self._mask(breast_points, breast_weights, plan.pose, voxel),
-        }
-        masks = {name: warp(map_, displacement) >= thresholds[name] for name, map_ in thickness.items()}
-        masks["distractor"] = np.zeros((self.config.size,) * 2, dtype=bool)
-        if plan.distractor is not None:
-            mark = distractor_mask(plan.distractor, self.config.size)
-            level = 1.0 if plan.distractor.saturated else plan.distractor_level
-            log_image[mark] = level
-            display[mark] = tone_curve(np.float32(level), plan.exposure.gamma)
-            masks["distractor"] = mark
-        return RenderedStudy(display, log_image, masks)
+    def _device_masks(self, plan: StudyPlan, excess: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """``<kind>`` at the cohort size and ``<kind>_<n>`` at each working size, plus their unions
+        ``devices``/``devices_<n>``: pixels whose (area-mean) excess line integral reaches the threshold."""
+        size, threshold = self.config.size, self.config.devices.mask_threshold_mm
+        sizes = [size, *sorted(n for n in set(self.config.devices.mask_sizes) if n < size)]
+        masks: dict[str, np.ndarray] = {}
+        for n in sizes:
+            suffix = "" if n == size else f"_{n}"
+            union = np.zeros((n, n), dtype=bool)
+            for kind in plan.device_kinds:
+                layer = excess.get(kind)
+                mask = np.zeros((n, n), dtype=bool) if layer is None else (
+                    np.abs(layer if n == size else area_mean(layer, n)) >= threshold)
+                masks[f"{kind}{suffix}"] = mask
+                union |= mask
+            masks[f"devices{suffix}"] = union
+        return masks
 
     def _blend(self, box: tuple[slice, ...], fraction: np.ndarray, attenuation: float) -> None:
         f = torch.from_numpy(fraction).to(self.device)
@@ -347,6 +499,22 @@ class DemoScene:
             return np.zeros((self.config.size,) * 2, dtype=np.float32)
         return splat_thickness(np.concatenate(points), np.concatenate(weights), pose, self.detector,
                                extent_mm)
+
+
+@dataclass(frozen=True)
+class _Projection:
+    line_integral: np.ndarray
+    fluid_points: list[np.ndarray]
+    fluid_weights: list[np.ndarray]
+    breast_points: list[np.ndarray]
+    breast_weights: list[np.ndarray]
+    device_excess: dict[str, np.ndarray]  # kind -> (size, size) excess line integral, before the warp
+
+
+@functools.lru_cache(maxsize=2)
+def _device_anchors(inplane_voxels: int, bone_multiplier: float, cache_dir: str) -> DeviceAnchors:
+    ct, sides, _, _ = _scene_assets(inplane_voxels, bone_multiplier, cache_dir)
+    return device_anchors(ct, sides, cache_dir or None)
 
 
 @functools.lru_cache(maxsize=2)
@@ -400,10 +568,25 @@ def write_study(out_dir: Path, plan: StudyPlan, rendered: RenderedStudy) -> None
     buffer = io.BytesIO()
     np.savez_compressed(buffer, **rendered.masks)
     atomic_write_bytes(mask_path, buffer.getvalue())
-    rng = np.random.default_rng(plan.encoding_seed)
     lut = tone_lut(lambda x: tone_curve(x, plan.exposure.gamma))
+    for name, (display, log_image) in rendered.counterfactuals.items():
+        # the same encoding (variant and its random draws) as the study, under instance UIDs of its own
+        stored, attributes = encode_pixels(display, log_image, lut, plan.variant,
+                                           np.random.default_rng(plan.encoding_seed))
+        header = replace(plan.header, **{
+            key: generate_uid(entropy_srcs=[getattr(plan.header, key), name])
+            for key in ("series_uid", "sop_uid")
+        })
+        path = counterfactual_path(out_dir, name, plan.study_id)
+        write_dicom(path, stored, attributes, plan.variant, header)
+    rng = np.random.default_rng(plan.encoding_seed)
     stored, attributes = encode_pixels(rendered.display, rendered.log_image, lut, plan.variant, rng)
     write_dicom(dicom_path, stored, attributes, plan.variant, plan.header)
+
+
+def counterfactual_path(out_dir: Path, name: str, study_id: str) -> Path:
+    """``counterfactuals/<name>/<study_id>.dcm``; ``name`` is ``no_<device kind>`` or ``no_effusion``."""
+    return Path(out_dir) / COUNTERFACTUALS_DIR / name / f"{study_id}.dcm"
 
 
 def manifest_frame(plans: list[StudyPlan]) -> pd.DataFrame:
@@ -417,6 +600,7 @@ def manifest_frame(plans: list[StudyPlan]) -> pd.DataFrame:
         "effusion": [p.effusion for p in plans],
         "split": [p.split for p in plans],
         "source": "demo",
+        "support_devices": [p.support_devices for p in plans],  # derived from what is drawn: no new draw
     })
 
 
@@ -433,6 +617,10 @@ def ground_truth_frame(plans: list[StudyPlan]) -> pd.DataFrame:
             "distractor_kind": d.kind if d else "", "distractor_text": d.text if d else "",
             "distractor_present": int(d is not None), "distractor_saturated": int(bool(d and d.saturated)),
             "distractor_correlated": int(p.correlated),
+            **({kind: int(kind in p.devices) for kind in p.device_kinds}),
+            **({"chest_drain_side": p.device_params.drain_side if "chest_drain" in p.devices else ""}
+               if "chest_drain" in p.device_kinds else {}),
+            **({"device_correlated": int(p.device_correlated)} if p.device_kinds else {}),
             **{f"rotation_{a}_deg": round(v, 3) for a, v in zip("xyz", p.pose.rotation_deg)},
             "translation_x_mm": round(p.pose.translation_mm[0], 2),
             "translation_z_mm": round(p.pose.translation_mm[2], 2),

@@ -136,7 +136,8 @@ def prepare_ct(
     return _from_arrays(arrays)
 
 
-def _build(inplane_voxels: int, bone_multiplier: float, decontrast_hu: float, pad_mm: float) -> dict:
+def _read_native() -> tuple[np.ndarray, np.ndarray, tuple[float, float, float]]:
+    """HU and labels as ``(z, y, x)`` arrays on the native grid, and the spacing ``(sx, sy, sz)`` in mm."""
     import nibabel as nib
 
     volume_path, label_path = example_ct_paths()
@@ -148,17 +149,35 @@ def _build(inplane_voxels: int, bone_multiplier: float, decontrast_hu: float, pa
     if hu.shape != labels.shape:
         raise ValueError(f"{label_path}: label map shape {labels.shape} does not match CT {hu.shape}")
     sx, sy, sz = (float(s) for s in image.header.get_zooms()[:3])
+    return hu, labels, (sx, sy, sz)
+
+
+def _pad_anterior(array: np.ndarray, pad_mm: float, sy: float, factor: int, fill: float) -> np.ndarray:
+    """``pad_mm`` of ``fill`` in front of the chest (+y), cropped so that y is a multiple of ``factor``
+    (block averaging stays exact)."""
+    pad = int(round(pad_mm / sy / factor)) * factor
+    array = np.pad(array, ((0, 0), (0, pad), (0, 0)), constant_values=fill)
+    return array[:, : (array.shape[1] // factor) * factor]
+
+
+def label_map(inplane_voxels: int = 256, anterior_pad_mm: float = 60.0) -> np.ndarray:
+    """The TotalSegmentator labels on the grid of :func:`prepare_ct` (same padding; nearest voxel of
+    each block), for placing devices against named structures."""
+    _, labels, (_, sy, _) = _read_native()
+    factor = 512 // inplane_voxels
+    labels = _pad_anterior(labels, anterior_pad_mm, sy, factor, 0)
+    return np.ascontiguousarray(labels[:, factor // 2::factor, factor // 2::factor])
+
+
+def _build(inplane_voxels: int, bone_multiplier: float, decontrast_hu: float, pad_mm: float) -> dict:
+    hu, labels, (sx, sy, sz) = _read_native()
 
     vessels = np.isin(labels, CARDIOVASCULAR_LABELS) & (hu > 100.0)
     hu[vessels] = decontrast_hu
 
-    pad = int(round(pad_mm / sy / (512 // inplane_voxels))) * (512 // inplane_voxels)
-    hu = np.pad(hu, ((0, 0), (0, pad), (0, 0)), constant_values=-1000.0)
-    labels = np.pad(labels, ((0, 0), (0, pad), (0, 0)))
-    # Keep the y size a multiple of the factor so block averaging is exact.
     factor = 512 // inplane_voxels
-    y_keep = (hu.shape[1] // factor) * factor
-    hu, labels = hu[:, :y_keep], labels[:, :y_keep]
+    hu = _pad_anterior(hu, pad_mm, sy, factor, -1000.0)
+    labels = _pad_anterior(labels, pad_mm, sy, factor, 0)
 
     attenuation = _downsample_mean(hu_to_attenuation(hu, bone_multiplier), factor)
     return {

@@ -158,18 +158,74 @@ def detect(line_integral: np.ndarray, exposure: Exposure, pixel_mm: float, rng: 
     Returns ``(log_image, display)``: the normalised log image before the tone curve and the
     display image ``tone(log_image)``, both in [0, 1] with bright = attenuating (bone white).
     """
+    expected, fluence = expected_counts(line_integral, exposure, pixel_mm)
+    attenuation = -np.log(np.maximum(rng.poisson(expected), 1.0) / fluence)
+    return process(attenuation, exposure, detection_window(attenuation))
+
+
+def expected_counts(line_integral: np.ndarray, exposure: Exposure, pixel_mm: float
+                    ) -> tuple[np.ndarray, float]:
+    """Mean detected quanta per pixel (primary through the detector blur plus scatter), and the
+    unattenuated count per pixel."""
     size = line_integral.shape[0]
     primary = np.exp(-exposure.mu_water_per_mm * line_integral.astype(np.float64))
     primary = ndimage.gaussian_filter(primary, exposure.blur_px)
     scatter = ndimage.gaussian_filter(primary, 0.1 * size) * exposure.scatter_fraction
-    expected = (primary + scatter) * exposure.photons_per_mm2 * pixel_mm**2
-    counts = np.maximum(rng.poisson(expected), 1.0)
-    attenuation = -np.log(counts / (exposure.photons_per_mm2 * pixel_mm**2))
+    fluence = exposure.photons_per_mm2 * pixel_mm**2
+    return (primary + scatter) * fluence, fluence
+
+
+def detect_coupled(line_integral: np.ndarray, exposure: Exposure, pixel_mm: float, quantiles: np.ndarray
+                   ) -> np.ndarray:
+    """Attenuation image (``-log`` of counts over fluence) with Poisson noise drawn by inverse CDF from
+    fixed ``quantiles`` (uniform in (0, 1), one per pixel).
+
+    Common random numbers: two renders of one study that differ by a feature (a device, an
+    effusion) get the same noise wherever the feature leaves the expected counts unchanged, so their
+    difference is the feature and not a new noise draw. Each pixel is still exactly Poisson.
+    """
+    from scipy import stats
+
+    expected, fluence = expected_counts(line_integral, exposure, pixel_mm)
+    return -np.log(np.maximum(stats.poisson.ppf(quantiles, expected), 1.0) / fluence)
+
+
+def detection_window(attenuation: np.ndarray) -> tuple[float, float]:
+    """The auto-windowing of the vendor processing: the 1st and 99.5th percentile of the attenuation."""
     low, high = np.percentile(attenuation, [1.0, 99.5])
+    return low, high
+
+
+def process(attenuation: np.ndarray, exposure: Exposure, window: tuple[float, float]
+            ) -> tuple[np.ndarray, np.ndarray]:
+    """Vendor processing of an attenuation image within ``window``: normalise, unsharp mask, clip, tone.
+
+    Returns ``(log_image, display)`` as :func:`detect` does.
+    """
+    size = attenuation.shape[0]
+    low, high = window
     normalised = (attenuation - low) / max(high - low, 1e-6)
     normalised += exposure.edge_enhance * (normalised - ndimage.gaussian_filter(normalised, 0.04 * size))
     log_image = np.clip(normalised, 0.0, 1.0)
     return log_image.astype(np.float32), tone_curve(log_image, exposure.gamma).astype(np.float32)
+
+
+def sample_volume(volume: torch.Tensor, half_extent: np.ndarray, points_mm: np.ndarray) -> np.ndarray:
+    """Trilinear values of ``volume`` ``(Z, Y, X)`` at ``points_mm`` ``(n, 3)`` (volume x, y, z mm);
+    zero outside the volume, as the projector sees it."""
+    if len(points_mm) == 0:
+        return np.zeros(0, dtype=np.float32)
+    grid = torch.as_tensor(points_mm / half_extent, dtype=torch.float32, device=volume.device)
+    values = F.grid_sample(volume[None, None].float(), grid[None, None, None], mode="bilinear",
+                           padding_mode="zeros", align_corners=False)
+    return values.reshape(-1).cpu().numpy()
+
+
+def area_mean(image: np.ndarray, size: int) -> np.ndarray:
+    """``image`` averaged over the pixels of a coarser ``size``² detector (the ingest chain's "area"
+    resize), i.e. what a detector of that pixel size integrates."""
+    pooled = F.adaptive_avg_pool2d(torch.as_tensor(image, dtype=torch.float64)[None, None], size)
+    return pooled[0, 0].numpy()
 
 
 def tone_curve(x: np.ndarray, gamma: float) -> np.ndarray:

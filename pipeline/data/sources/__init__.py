@@ -2,9 +2,13 @@
 
 Each format module (``mimic_cxr_jpg``, ``chexpert``, ``nih``, ``folder``) exposes
 ``read_records(root, config) -> DataFrame`` with the columns :data:`RECORD_COLUMNS`: pseudonymised
-ids, absolute image paths, normalised view/sex/age, and the *raw* CheXpert-style effusion code
-(1.0, 0.0, -1.0, NaN) plus the "No Finding" code. Everything a format does not decide (view filter,
-label policy, splits, balancing, validation) happens once, here, in :func:`build_manifest`.
+ids, absolute image paths, normalised view/sex/age, and the *raw* CheXpert-style code (1.0, 0.0,
+-1.0, NaN) of every finding the format knows, as ``<finding>_code`` for the finding columns of
+:data:`pipeline.tasks.FINDINGS` (``effusion_code`` and ``no_finding_code`` always; NaN throughout
+where the source has no such label). The codes go into the manifest as they are: the label policy
+(uncertain, blank) belongs to the task that reads them (:mod:`pipeline.tasks`). Everything a format
+does not decide (view filter, required labels, splits, balancing, validation) happens once, here, in
+:func:`build_manifest`.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from pipeline.data.manifest import (
     balance_classes,
     validate_manifest,
 )
+from pipeline.tasks import FINDINGS, check_task_name, task_labels
 
 log = logging.getLogger(__name__)
 
@@ -41,19 +46,13 @@ RECORD_COLUMNS: tuple[str, ...] = (
     "study_id", "patient_id", "image_path", "view", "sex", "age",
     "effusion_code", "no_finding_code", "official_split",
 )
+#: ``<finding>_code`` record column of each manifest finding column.
+FINDING_CODE_COLUMNS: dict[str, str] = {f"{finding}_code": finding for finding in FINDINGS}
 # Official split value for rows a dataset reserves for development without saying train or val
 # (NIH train_val_list, CheXpert train.csv); they are divided between train and val per patient.
 TRAINVAL = "trainval"
 _LABEL_CODES = (1.0, 0.0, -1.0)
 _MAX_PLAUSIBLE_AGE = 120.0
-
-
-class LabelPolicy(StrictModel):
-    """How CheXpert-style effusion codes become manifest labels (see data_manifests/README.md)."""
-
-    uncertain: Literal["drop", "positive", "negative"] = "drop"
-    require_label: bool = False
-    negative_requires_no_finding: bool = False
 
 
 class SplitPolicy(StrictModel):
@@ -91,9 +90,10 @@ class ManifestConfig(StrictModel):
     root: str
     out: str
     views: list[str] = Field(default_factory=lambda: ["PA", "AP"])  # [] keeps every view
-    labels: LabelPolicy = Field(default_factory=LabelPolicy)
+    # tasks (pipeline/tasks.py) every kept image must have a label for, their label policy applied
+    require_labels: list[str] = []
     split: SplitPolicy = Field(default_factory=SplitPolicy)
-    balance: Literal["effusion", "sex"] | None = None
+    balance: str | None = None  # a task: downsample its majority class within each split
     folder: FolderOptions = Field(default_factory=FolderOptions)
     mimic: MimicOptions = Field(default_factory=MimicOptions)
     nih: NihOptions = Field(default_factory=NihOptions)
@@ -102,6 +102,16 @@ class ManifestConfig(StrictModel):
     @classmethod
     def _upper_views(cls, value: list[str]) -> list[str]:
         return [v.strip().upper() for v in value if v.strip()]
+
+    @field_validator("require_labels")
+    @classmethod
+    def _known_required(cls, value: list[str]) -> list[str]:
+        return [check_task_name(name) for name in value]
+
+    @field_validator("balance")
+    @classmethod
+    def _known_balance(cls, value: str | None) -> str | None:
+        return None if value is None else check_task_name(value)
 
 
 def build_manifest(config: ManifestConfig) -> pd.DataFrame:
@@ -124,13 +134,12 @@ def read_source(config: ManifestConfig) -> pd.DataFrame:
 
 
 def manifest_from_records(records: pd.DataFrame, config: ManifestConfig) -> pd.DataFrame:
-    """View filter, label policy, splits, validation, then optional class balancing."""
+    """View filter, finding columns, required labels, splits, validation, then optional class balancing."""
     records = filter_views(records, config.views)
-    records = apply_label_policy(records, config.labels)
+    records = finding_columns(records)
+    records = require_labels(records, config.require_labels)
     records = assign_splits(records, config.split)
-    manifest = records.assign(source=config.format).drop(
-        columns=["effusion_code", "no_finding_code", "official_split"]
-    )
+    manifest = records.assign(source=config.format).drop(columns=["official_split"])
     manifest = validate_manifest(manifest, source=f"{config.format} manifest from {config.root}")
     if config.balance:
         manifest = balance_classes(manifest, config.balance, seed=config.split.seed)
@@ -153,34 +162,33 @@ def filter_views(records: pd.DataFrame, views: list[str]) -> pd.DataFrame:
     return kept
 
 
-def apply_label_policy(records: pd.DataFrame, policy: LabelPolicy) -> pd.DataFrame:
-    """Turn ``effusion_code`` into the ``effusion`` column (Int64, NA = unlabeled) and drop rows.
+def finding_columns(records: pd.DataFrame) -> pd.DataFrame:
+    """``<finding>_code`` columns -> the manifest's finding columns (raw codes, Int64, NA = blank).
 
-    1 -> positive; 0 -> negative (with ``negative_requires_no_finding`` only if No Finding == 1,
-    otherwise dropped); -1 -> dropped, positive or negative per ``uncertain``; blank -> unlabeled,
-    dropped with ``require_label``.
+    ``effusion`` is always written; another finding only where the source gave it a value for at
+    least one image (a source without that label, e.g. the folder format's ``no_finding``, leaves no
+    empty column that would read as "unlabeled everywhere").
     """
-    code = records["effusion_code"].astype("float64")
-    if policy.uncertain != "drop":
-        code = code.where(code != -1.0, 1.0 if policy.uncertain == "positive" else 0.0)
-    keep = code != -1.0
-    if policy.negative_requires_no_finding:
-        no_finding = records["no_finding_code"].astype("float64")
-        if no_finding.isna().all() and (code == 0.0).any():
-            raise ManifestError(
-                "negative_requires_no_finding needs a 'No Finding' label, which this source lacks"
-            )
-        keep &= (code != 0.0) | (no_finding == 1.0)
-    if policy.require_label:
-        keep &= code.notna()
-    out = records.loc[keep].copy()
-    out["effusion"] = code[keep].astype("Int64")
-    log.info(
-        "labels %s: kept %d of %d (positive %d, negative %d, unlabeled %d)",
-        policy.model_dump(), len(out), len(records), int((out["effusion"] == 1).sum()),
-        int((out["effusion"] == 0).sum()), int(out["effusion"].isna().sum()),
-    )
+    codes = {c: f for c, f in FINDING_CODE_COLUMNS.items() if c in records.columns}
+    out = records.drop(columns=list(codes))
+    for code, finding in codes.items():
+        values = records[code].astype("float64")
+        if finding == "effusion" or values.notna().any():
+            out[finding] = values.astype("Int64")
+    counts = {f: int((out[f] == 1).sum()) for f in FINDINGS if f in out.columns}
+    log.info("findings (positive images): %s", ", ".join(f"{f} {n}" for f, n in counts.items()))
     return out
+
+
+def require_labels(records: pd.DataFrame, tasks: list[str]) -> pd.DataFrame:
+    """Keep the images that every task of ``tasks`` labels (its label policy applied)."""
+    if not tasks:
+        return records
+    keep = np.ones(len(records), dtype=bool)
+    for task in tasks:
+        keep &= task_labels(records, task).notna().to_numpy()
+    log.info("labels required for %s: kept %d of %d images", tasks, int(keep.sum()), len(records))
+    return records.loc[keep]
 
 
 def assign_splits(records: pd.DataFrame, policy: SplitPolicy) -> pd.DataFrame:

@@ -5,6 +5,8 @@ is ``patient00001``; the study pseudonym is taken from ``patient00001/study1/vie
 per image, and the same ids for the full-size and the small release). Images are looked up under the
 root from the ``train``/``valid`` component on, so the root is the folder holding ``train.csv``.
 View: ``LATERAL`` for lateral images, else the ``AP/PA`` column (AP, PA, and a few LL/RL).
+Findings: the 14 label columns (``No Finding`` ... ``Support Devices``), raw codes, to the manifest's
+finding columns (:data:`pipeline.tasks.CHEXPERT_FINDINGS`; ``Pleural Effusion`` -> ``effusion``).
 Official split: ``train.csv`` -> train/val per patient, ``valid.csv`` -> test.
 """
 
@@ -26,8 +28,9 @@ from pipeline.data.sources import (
     pseudonymise,
     read_label_csv,
 )
+from pipeline.tasks import CHEXPERT_FINDINGS
 
-REQUIRED_COLUMNS = ["Path", "Sex", "Age", "Frontal/Lateral", "AP/PA", "No Finding", "Pleural Effusion"]
+REQUIRED_COLUMNS = ["Path", "Sex", "Age", "Frontal/Lateral", "AP/PA", *CHEXPERT_FINDINGS]
 _FROM_SPLIT_FOLDER = r"(?:^|/)((?:train|valid|test)/.*)$"
 # patient00001/study1/view1_frontal.jpg -> key patient00001/study1/view1_frontal
 _IMAGE_KEY = r"(?:^|/)(?P<patient>patient\d+)/(?P<study>study\d+)/(?P<image>[^/]+?)(?:\.[^./]*)?$"
@@ -65,8 +68,8 @@ def read_label_file(path: Path, root: Path) -> pd.DataFrame:
             "view": view,
             "sex": normalise_sex(df["Sex"]),
             "age": parse_ages(df["Age"]),
-            "effusion_code": label_codes(df["Pleural Effusion"], path, "Pleural Effusion"),
-            "no_finding_code": label_codes(df["No Finding"], path, "No Finding"),
+            **{f"{column}_code": label_codes(df[header], path, header)
+               for header, column in CHEXPERT_FINDINGS.items()},
             "official_split": _OFFICIAL_SPLIT[path.name.removesuffix(".gz")],
         }
     )

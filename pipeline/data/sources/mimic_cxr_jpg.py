@@ -1,7 +1,10 @@
 """MIMIC-CXR-JPG 2.0.0: metadata, CheXpert labels and split CSVs (plain or ``.gz``) in the root.
 
 One row per DICOM in ``mimic-cxr-2.0.0-metadata.csv``; labels are per study and joined on
-(subject_id, study_id), so studies without a label row are unlabeled. Image:
+(subject_id, study_id), so studies without a label row are unlabeled. All 14 CheXpert labels of
+``mimic-cxr-2.0.0-chexpert.csv`` go to the manifest's finding columns as raw codes
+(:data:`pipeline.tasks.CHEXPERT_FINDINGS`); the paper's effusion policy is the task
+``effusion_paper``. Image:
 ``files/p{first two digits of subject}/p{subject_id}/s{study_id}/{dicom_id}.jpg``. Sex and age come
 from MIMIC-IV ``patients.csv`` when available: age at the study = ``anchor_age`` + (study year −
 ``anchor_year``); both are shifted consistently in MIMIC, so the difference is real. Official
@@ -26,6 +29,7 @@ from pipeline.data.sources import (
     pseudonymise,
     read_label_csv,
 )
+from pipeline.tasks import CHEXPERT_FINDINGS
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +38,7 @@ LABELS = "mimic-cxr-2.0.0-chexpert.csv"
 SPLIT = "mimic-cxr-2.0.0-split.csv"
 PATIENTS = "patients.csv"
 METADATA_COLUMNS = ["dicom_id", "subject_id", "study_id", "ViewPosition", "StudyDate"]
-LABEL_COLUMNS = ["subject_id", "study_id", "Pleural Effusion", "No Finding"]
+LABEL_COLUMNS = ["subject_id", "study_id", *CHEXPERT_FINDINGS]
 SPLIT_COLUMNS = ["dicom_id", "split"]
 PATIENT_COLUMNS = ["subject_id", "gender", "anchor_age", "anchor_year"]
 _OFFICIAL_SPLIT = {"train": "train", "validate": "val", "test": "test"}
@@ -73,8 +77,8 @@ def read_records(root: Path, config: ManifestConfig) -> pd.DataFrame:
             "view": normalise_view(rows["ViewPosition"]),
             "sex": sex,
             "age": age,
-            "effusion_code": label_codes(rows["Pleural Effusion"], labels_path, "Pleural Effusion"),
-            "no_finding_code": label_codes(rows["No Finding"], labels_path, "No Finding"),
+            **{f"{column}_code": label_codes(rows[header], labels_path, header)
+               for header, column in CHEXPERT_FINDINGS.items()},
             "official_split": rows["split"].map(_OFFICIAL_SPLIT).fillna(""),
         }
     )

@@ -1,7 +1,9 @@
 """NIH ChestX-ray14: ``Data_Entry_2017*.csv`` (2017 or v2020 release) in the dataset root.
 
-Effusion is positive iff ``Effusion`` is one of the ``|``-separated Finding Labels and negative
-otherwise (the NIH labels have no uncertain or blank state); No Finding is the label ``No Finding``.
+Each of the 14 findings (:data:`pipeline.tasks.NIH_FINDINGS`; ``Effusion`` -> ``effusion``,
+``Pleural_Thickening`` -> ``pleural_thickening``) is positive iff it is one of the ``|``-separated
+Finding Labels and negative otherwise (the NIH labels have no uncertain or blank state); No Finding
+is the label ``No Finding``. A label outside these 15 stops the build (a misread file).
 Both header variants are read: the 2017 file ends in a trailing comma (an empty extra column) and
 older copies write ages as ``058Y``; v2020 has clean integer ages. Ages above 120 become unknown.
 Images are found anywhere under the root by file name (``images/``, or Kaggle's
@@ -27,6 +29,7 @@ from pipeline.data.sources import (
     pseudonymise,
     read_label_csv,
 )
+from pipeline.tasks import NIH_FINDINGS
 
 REQUIRED_COLUMNS = ["Image Index", "Finding Labels", "Patient ID", "Patient Age", "View Position"]
 SEX_COLUMNS = ("Patient Gender", "Patient Sex")
@@ -41,7 +44,10 @@ def read_records(root: Path, config: ManifestConfig) -> pd.DataFrame:
         raise ManifestError(f"{path}: missing columns ['Patient Gender'] (or 'Patient Sex')")
     names = df["Image Index"].astype(str).str.strip()
     findings = df["Finding Labels"].fillna("").astype(str).str.split("|")
-    findings = findings.map(lambda labels: {label.strip() for label in labels})
+    findings = findings.map(lambda labels: {label.strip() for label in labels} - {""})
+    unknown = sorted(set().union(*findings) - set(NIH_FINDINGS)) if len(findings) else []
+    if unknown:
+        raise ManifestError(f"{path}: Finding Labels has labels {unknown[:5]}; known: {sorted(NIH_FINDINGS)}")
     located = locate_images(root)
     base = root.resolve()
     return pd.DataFrame(
@@ -52,11 +58,23 @@ def read_records(root: Path, config: ManifestConfig) -> pd.DataFrame:
             "view": normalise_view(df["View Position"]),
             "sex": normalise_sex(df[sex_column]),
             "age": parse_ages(df["Patient Age"]),
-            "effusion_code": findings.map(lambda s: 1.0 if "Effusion" in s else 0.0).astype("float64"),
-            "no_finding_code": findings.map(lambda s: 1.0 if s == {"No Finding"} else 0.0).astype("float64"),
+            **finding_codes(findings),
             "official_split": official_split(root, names),
         }
     )
+
+
+def finding_codes(findings: pd.Series) -> dict[str, pd.Series]:
+    """``<finding>_code`` per NIH label: 1.0 where the image lists it, else 0.0 (No Finding: 1.0 iff
+    it is the only label)."""
+    codes = {}
+    for label, column in NIH_FINDINGS.items():
+        if label == "No Finding":
+            present = findings.map(lambda s: s == {"No Finding"})
+        else:
+            present = findings.map(lambda s, label=label: label in s)
+        codes[f"{column}_code"] = present.astype("float64")
+    return codes
 
 
 def find_data_entry(root: Path) -> Path:

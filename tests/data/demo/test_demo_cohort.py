@@ -151,3 +151,23 @@ def test_cli_writes_a_cohort(tmp_path):
     assert code == 0
     assert len(read_manifest(out / "manifest.csv")) == 2
     assert len(list((out / "dicom").glob("*.dcm"))) == 2 and len(list((out / "masks").glob("*.npz"))) == 2
+
+
+def test_support_devices_label_is_the_drawn_marker(cohort):
+    """The positive control: ``support_devices`` is 1 exactly where a burned-in marker or tag is drawn."""
+    from pipeline.tasks import task_labels
+
+    out, config = cohort
+    manifest = read_manifest(out / "manifest.csv").set_index("study_id")
+    truth = pd.read_csv(out / "ground_truth.csv").set_index("study_id").loc[manifest.index]
+    drawn = []
+    for study_id in manifest.index:
+        with np.load(out / "masks" / f"{study_id}.npz") as masks:
+            drawn.append(int(masks["distractor"].any()))
+    assert manifest["support_devices"].tolist() == drawn == truth["distractor_present"].tolist()
+    assert set(drawn) == {0, 1}  # independent mode: both classes in a cohort of 10
+    assert task_labels(manifest, "support_devices").tolist() == [float(d) for d in drawn]
+    # a column added, nothing else changed: the existing labels are the plan's as before
+    plans = {p.study_id: p for p in plan_cohort(config)}
+    assert manifest["effusion"].tolist() == [plans[s].effusion for s in manifest.index]
+    assert list(manifest.columns)[-1] == "support_devices"

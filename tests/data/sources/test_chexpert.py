@@ -8,6 +8,7 @@ import pytest
 
 from pipeline.data.manifest import ManifestError, validate_manifest
 from pipeline.data.sources import ManifestConfig, build_manifest, manifest_from_records, read_source
+from pipeline.tasks import CHEXPERT_FINDINGS, TaskSpec, task_labels
 
 FRONTAL_ROWS = 191_027  # published size of CheXpert's frontal training images
 
@@ -49,10 +50,16 @@ def default_manifest(root, records) -> pd.DataFrame:
     return manifest_from_records(records, config_for(root))
 
 
+STRICT = TaskSpec(name="effusion_strict", column="effusion", uncertain="positive",
+                  negative_requires=["no_finding"])
+
+
 @pytest.fixture(scope="module")
 def strict_all_views_manifest(root, records) -> pd.DataFrame:
-    labels = {"uncertain": "positive", "require_label": True, "negative_requires_no_finding": True}
-    return manifest_from_records(records, config_for(root, views=[], labels=labels))
+    from pipeline.tasks import registered
+
+    with registered({STRICT.name: STRICT}):  # a user-defined task, as the run config's task_definitions
+        return manifest_from_records(records, config_for(root, views=[], require_labels=[STRICT.name]))
 
 
 def test_default_policy_counts_match_plain_pandas(labels, default_manifest):
@@ -62,10 +69,23 @@ def test_default_policy_counts_match_plain_pandas(labels, default_manifest):
     counts = default_manifest["effusion"].value_counts(dropna=False)
     assert counts[1] == (effusion == 1.0).sum()
     assert counts[0] == (effusion == 0.0).sum()
+    assert counts[-1] == (effusion == -1.0).sum()  # raw codes: uncertain kept, the task drops it
     assert default_manifest["effusion"].isna().sum() == effusion.isna().sum()
-    assert len(default_manifest) == len(frontal) - (effusion == -1.0).sum()  # uncertain dropped
+    assert len(default_manifest) == len(frontal)
+    assert task_labels(default_manifest, "effusion").notna().sum() == effusion.isin([0.0, 1.0]).sum()
     assert set(default_manifest["view"]) == {"PA", "AP"}
     assert (default_manifest["source"] == "chexpert").all()
+
+
+def test_all_fourteen_findings_keep_their_raw_codes(labels, default_manifest):
+    frontal = labels[labels["AP/PA"].isin(["PA", "AP"])]
+    for header, column in CHEXPERT_FINDINGS.items():
+        expected = frontal[header].fillna(9.0).value_counts().to_dict()  # 9: blank
+        got = default_manifest[column].astype("float64").fillna(9.0).value_counts().to_dict()
+        assert got == expected, header
+    devices = task_labels(default_manifest, "support_devices")
+    assert (devices == 1).sum() == (frontal["Support Devices"] == 1.0).sum()
+    assert devices.isna().sum() == (frontal["Support Devices"].isna() | (frontal["Support Devices"] == -1.0)).sum()
 
 
 def test_strict_policy_counts_match_plain_pandas(labels, strict_all_views_manifest):
@@ -73,15 +93,16 @@ def test_strict_policy_counts_match_plain_pandas(labels, strict_all_views_manife
     effusion, no_finding = labels["Pleural Effusion"], labels["No Finding"]
     positive = effusion.isin([1.0, -1.0])  # U-Ones
     negative = (effusion == 0.0) & (no_finding == 1.0)
-    assert (manifest["effusion"] == 1).sum() == positive.sum()
-    assert (manifest["effusion"] == 0).sum() == negative.sum()
+    strict = task_labels(manifest, STRICT)
+    assert (strict == 1).sum() == positive.sum()
+    assert (strict == 0).sum() == negative.sum()
     assert len(manifest) == positive.sum() + negative.sum()  # require_label: no unlabeled rows
     frontal = labels["Frontal/Lateral"] == "Frontal"
     assert (manifest["view"] != "LATERAL").sum() == (frontal & (positive | negative)).sum()
 
 
 def test_all_frontal_rows_reach_the_manifest(root, records, labels):
-    manifest = manifest_from_records(records, config_for(root, views=[], labels={"uncertain": "negative"}))
+    manifest = manifest_from_records(records, config_for(root, views=[]))
     assert len(manifest) == len(labels)
     assert (manifest["view"] != "LATERAL").sum() == FRONTAL_ROWS
 
@@ -93,7 +114,7 @@ def test_ids_demographics_and_paths(labels, default_manifest, root):
     assert (row["sex"], row["age"]) == ({"Female": "F", "Male": "M"}[first["Sex"]], float(first["Age"]))
     assert default_manifest["study_id"].is_unique
     patients = labels["Path"].str.extract(r"(patient\d+)/")[0]
-    frontal = labels["AP/PA"].isin(["PA", "AP"]) & (labels["Pleural Effusion"] != -1.0)
+    frontal = labels["AP/PA"].isin(["PA", "AP"])
     assert default_manifest["patient_id"].nunique() == patients[frontal].nunique()
     assert not default_manifest["patient_id"].str.contains("patient").any()
     assert set(default_manifest["sex"]) <= {"M", "F", ""}
@@ -119,7 +140,7 @@ def test_official_split_train_val_from_train_csv_and_test_from_valid(tmp_path, l
     )
     manifest = validate_manifest(build_manifest(config))
     from_valid = manifest["image_path"].str.contains("/valid/")
-    assert from_valid.sum() == (valid["Pleural Effusion"] != -1.0).sum()
+    assert from_valid.sum() == len(valid)
     assert (manifest.loc[from_valid, "split"] == "test").all()
     assert set(manifest.loc[~from_valid, "split"]) == {"train", "val"}
 

@@ -38,10 +38,11 @@ def write_dicom(path: Path, study_uid: str, view: str, sex: str = "F", age: str 
     ds.PatientSex = sex
     ds.PatientAge = age
     ds.ViewPosition = view
-    ds.Rows, ds.Columns = 4, 4
+    ds.Modality = "DX"
+    ds.Rows, ds.Columns = 16, 16  # the smallest a radiograph may be
     ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
     ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
-    ds.PixelData = np.arange(16, dtype=np.uint16).tobytes()
+    ds.PixelData = np.arange(256, dtype=np.uint16).tobytes()
     path.parent.mkdir(parents=True, exist_ok=True)
     ds.save_as(path, enforce_file_format=True)
     return sop_uid
@@ -96,12 +97,12 @@ def test_labels_csv_overrides_and_matches_by_name(folder, tmp_path):
         "no_effusion/img003,-1,,,\n"
         "missing.png,0,M,PA,x\n"
     )
-    settings = {"views": [], "folder": {"labels_csv": str(labels)}, "labels": {"uncertain": "positive"}}
+    settings = {"views": [], "folder": {"labels_csv": str(labels)}}
     rows = by_file(build(root, **settings))
     png = rows["img004.png"]
     assert (png["effusion"], png["sex"], png["view"]) == (1, "F", "PA")
     assert png["patient_id"] == patient_pseudonym("site-patient-7")
-    assert rows["img003"]["effusion"] == 1  # CSV -1 (U-Ones) wins over the no_effusion folder
+    assert rows["img003"]["effusion"] == -1  # the CSV's raw -1 (uncertain) wins over the no_effusion folder
     assert rows["img003"]["sex"] == "M"  # blank CSV cell keeps the header value
 
 
@@ -132,13 +133,11 @@ def test_cli_writes_resolved_config_and_reports_errors(folder, tmp_path, capsys)
     root, _ = folder
     out = tmp_path / "m" / "cohort.csv"
     argv = ["manifest", "--format", "folder", "--root", str(root), "--out", str(out),
-            "--views", "PA,AP", "--uncertain", "negative", "--seed", "5", "--require-label"]
+            "--views", "PA,AP", "--seed", "5", "--require-label"]
     assert main(argv) == 0
     config = yaml.safe_load((out.parent / "cohort.config.resolved.yaml").read_text())
     assert config["views"] == ["PA", "AP"] and config["split"]["seed"] == 5
-    assert config["labels"] == {
-        "uncertain": "negative", "require_label": True, "negative_requires_no_finding": False
-    }
+    assert config["require_labels"] == ["effusion"]
     assert len(read_manifest(out)) == 2
 
     assert main(["manifest", "--format", "folder", "--root", str(tmp_path / "nope"), "--out", str(out)]) == 2
@@ -149,5 +148,5 @@ def test_cli_writes_resolved_config_and_reports_errors(folder, tmp_path, capsys)
     assert main(["manifest", "--format", "folder", "--root", str(only_png), "--out", str(out)]) == 2
     assert "use --all-views" in capsys.readouterr().err
     assert main(["manifest", "--format", "folder", "--root", str(root), "--out", str(out),
-                 "--negative-requires-no-finding", "--all-views"]) == 2
-    assert "No Finding" in capsys.readouterr().err
+                 "--require-label", "effusion_paper", "--all-views"]) == 2
+    assert "needs manifest column(s) ['no_finding']" in capsys.readouterr().err

@@ -9,6 +9,7 @@ import pytest
 from pipeline.data.manifest import ManifestError
 from pipeline.data.pseudonym import patient_pseudonym, study_pseudonym
 from pipeline.data.sources import ManifestConfig, build_manifest
+from pipeline.tasks import CHEXPERT_FINDINGS, TaskSpec, task_labels
 
 CHEXPERT_HEADER = (
     "subject_id,study_id,Atelectasis,Cardiomegaly,Consolidation,Edema,Enlarged Cardiomediastinum,"
@@ -40,6 +41,11 @@ LABELS = {
     "50000002": ("1.0", "0.0"),
     "50000004": ("", "1.0"),
 }
+# other findings of some studies (every other cell blank, as "not mentioned" in the real file)
+OTHER_FINDINGS = {
+    "50414267": {"Cardiomegaly": "1.0", "Support Devices": "-1.0", "Lung Opacity": "0.0"},
+    "57375967": {"Edema": "0.0", "Support Devices": "1.0", "Fracture": "1.0"},
+}
 PATIENTS = (
     "subject_id,gender,anchor_age,anchor_year,anchor_year_group,dod\n"
     "10000032,F,52,2180,2014 - 2016,2180-09-09\n"
@@ -64,7 +70,7 @@ def write_mimic(root: Path, gzip_labels: bool = False, drop_label_column: str | 
     rows = []
     for study, (no_finding, effusion) in LABELS.items():
         values = dict.fromkeys(CHEXPERT_HEADER.split(",")[2:], "")
-        values.update({"No Finding": no_finding, "Pleural Effusion": effusion})
+        values.update({"No Finding": no_finding, "Pleural Effusion": effusion, **OTHER_FINDINGS.get(study, {})})
         rows.append({"subject_id": subject_of[study], "study_id": study, **values})
     labels = pd.DataFrame(rows, columns=CHEXPERT_HEADER.split(","))
     if drop_label_column:
@@ -89,17 +95,36 @@ def row(manifest: pd.DataFrame, image: str) -> pd.Series:
     return manifest.loc[study_pseudonym(DICOM[image])]
 
 
-def test_default_joins_view_filter_and_label_policy(tmp_path):
+def test_default_joins_view_filter_and_keeps_raw_codes(tmp_path):
     root = write_mimic(tmp_path / "mimic", gzip_labels=True)
     manifest = build(root)
-    # PA/AP only (B lateral, H blank view out); C uncertain dropped; E, G unlabeled but kept
-    assert sorted(manifest.index) == sorted(study_pseudonym(DICOM[i]) for i in "ADEFG")
-    assert [row(manifest, i)["effusion"] for i in "ADF"] == [1, 0, 0]
+    # PA/AP only (B lateral, H blank view out); C uncertain kept as -1 (the task drops it); E, G unlabeled
+    assert sorted(manifest.index) == sorted(study_pseudonym(DICOM[i]) for i in "ACDEFG")
+    assert [row(manifest, i)["effusion"] for i in "ACDF"] == [1, -1, 0, 0]
     assert pd.isna(row(manifest, "E")["effusion"]) and pd.isna(row(manifest, "G")["effusion"])
+    effusion = task_labels(manifest, "effusion")
+    assert effusion.isna().sum() == 3 and pd.isna(effusion[study_pseudonym(DICOM["C"])])
     a = row(manifest, "A")
     assert a["patient_id"] == patient_pseudonym("10000032")
     assert a["image_path"] == str(root.resolve() / "files/p10/p10000032/s50414267" / f"{DICOM['A']}.jpg")
     assert (manifest["source"] == "mimic-cxr-jpg").all()
+
+
+def test_all_fourteen_findings_mapped_per_study(tmp_path):
+    manifest = build(write_mimic(tmp_path / "mimic"), views=[])
+    # columns of findings some image has a value for; the others (never mentioned) are left out
+    mentioned = {"no_finding", "effusion", "cardiomegaly", "support_devices", "lung_opacity", "edema", "fracture"}
+    assert {c for c in CHEXPERT_FINDINGS.values() if c in manifest.columns} == mentioned
+    a, b, d = row(manifest, "A"), row(manifest, "B"), row(manifest, "D")  # B: A's study, lateral
+    assert (a["cardiomegaly"], a["support_devices"], a["lung_opacity"]) == (1, -1, 0)
+    assert (b["cardiomegaly"], b["support_devices"]) == (1, -1)  # labels are per study
+    assert (d["edema"], d["support_devices"], d["fracture"]) == (0, 1, 1)
+    assert pd.isna(d["cardiomegaly"]) and pd.isna(row(manifest, "G")["support_devices"])
+    devices = task_labels(manifest, "support_devices")
+    assert devices[study_pseudonym(DICOM["D"])] == 1.0 and pd.isna(devices[study_pseudonym(DICOM["A"])])
+    u_ones = TaskSpec(name="devices_u1", column="support_devices", uncertain="positive", blank="negative")
+    assert task_labels(manifest, u_ones)[study_pseudonym(DICOM["A"])] == 1.0
+    assert task_labels(manifest, u_ones)[study_pseudonym(DICOM["G"])] == 0.0
 
 
 def test_sex_and_age_at_study_from_patients_csv(tmp_path):
@@ -122,12 +147,16 @@ def test_without_patients_csv_sex_and_age_are_unknown(tmp_path):
     assert row(build(root, mimic={"patients_csv": str(moved)}), "A")["sex"] == "F"
 
 
-def test_uncertain_strict_negative_and_require_label(tmp_path):
+def test_label_policies_and_the_papers_mimic_policy(tmp_path):
     root = write_mimic(tmp_path / "mimic")
-    assert row(build(root, labels={"uncertain": "positive"}), "C")["effusion"] == 1
-    assert row(build(root, labels={"uncertain": "negative"}), "C")["effusion"] == 0
-    strict = build(root, labels={"negative_requires_no_finding": True, "require_label": True})
-    # D is negative without No Finding -> dropped; F keeps its negative; E, G unlabeled -> dropped
+    manifest = build(root)
+    c = study_pseudonym(DICOM["C"])
+    assert task_labels(manifest, TaskSpec(name="u1", column="effusion", uncertain="positive"))[c] == 1.0
+    assert task_labels(manifest, TaskSpec(name="u0", column="effusion", uncertain="negative"))[c] == 0.0
+    paper = task_labels(manifest, "effusion_paper")
+    # D is negative without No Finding -> unlabeled; F keeps its negative; C, E, G unlabeled
+    assert sorted(paper.dropna().index) == sorted(study_pseudonym(DICOM[i]) for i in "AF")
+    strict = build(root, require_labels=["effusion_paper"])  # the paper's cohort: only those images
     assert sorted(strict.index) == sorted(study_pseudonym(DICOM[i]) for i in "AF")
 
 

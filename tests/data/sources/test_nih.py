@@ -8,6 +8,7 @@ import pytest
 
 from pipeline.data.manifest import ManifestError
 from pipeline.data.sources import ManifestConfig, build_manifest, manifest_from_records, read_source
+from pipeline.tasks import NIH_FINDINGS, task_labels
 
 IMAGES = 112_120  # published size of ChestX-ray14
 EFFUSION_IMAGES = 13_317  # published count of images labelled Effusion
@@ -76,18 +77,40 @@ def test_splits_deterministic_and_seeded(root, records, manifest):
     assert (reseeded["split"] != manifest["split"]).mean() > 0.3
 
 
+def test_all_findings_mapped_as_plain_pandas_counts(labels, manifest):
+    findings = labels["Finding Labels"].str.split("|").map(set)
+    for label, column in NIH_FINDINGS.items():
+        expected = findings.map(lambda f, label=label: f == {"No Finding"} if label == "No Finding" else label in f)
+        assert (manifest[column] == 1).sum() == expected.sum(), label
+        assert (manifest[column] == 0).sum() == (~expected).sum(), label
+    assert manifest["pleural_thickening"].sum() == 3385 and manifest["hernia"].sum() == 227
+
+
+def test_unknown_finding_label_is_an_error(tmp_path, labels):
+    subset = labels.head(5).copy()
+    subset.loc[subset.index[2], "Finding Labels"] = "Effusion|Pleural Thickening"
+    subset.to_csv(tmp_path / "Data_Entry_2017_v2020.csv", index=False)
+    with pytest.raises(ManifestError, match=r"Finding Labels has labels \['Pleural Thickening'\]"):
+        build_manifest(config_for(tmp_path))
+
+
 def test_no_finding_negatives_and_balance(root, records, labels):
-    policy = {"negative_requires_no_finding": True}
-    strict = manifest_from_records(records, config_for(root, labels=policy))
+    manifest = manifest_from_records(records, config_for(root))
+    paper = task_labels(manifest, "effusion_paper")  # the paper's policy: negatives need No Finding
     no_finding = labels["Finding Labels"] == "No Finding"
-    assert (strict["effusion"] == 0).sum() == no_finding.sum()
-    assert (strict["effusion"] == 1).sum() == EFFUSION_IMAGES
+    assert (paper == 0).sum() == no_finding.sum()
+    assert (paper == 1).sum() == EFFUSION_IMAGES
+    strict = manifest_from_records(records, config_for(root, require_labels=["effusion_paper"]))
     assert len(strict) == no_finding.sum() + EFFUSION_IMAGES  # effusion-free images with findings dropped
 
-    balanced = manifest_from_records(records, config_for(root, labels=policy, balance="effusion"))
+    balanced = manifest_from_records(records, config_for(root, balance="effusion_paper"))
     counts = balanced.groupby(["split", "effusion"]).size().unstack()
     minority = strict.groupby(["split", "effusion"]).size().unstack().min(axis=1)
     assert (counts[0] == minority).all() and (counts[1] == minority).all()
+    assert (balanced.loc[balanced["effusion"] == 0, "no_finding"] == 1).all()
+    by_cardiomegaly = manifest_from_records(records, config_for(root, balance="cardiomegaly"))
+    counts = by_cardiomegaly.groupby(["split", "cardiomegaly"]).size().unstack()
+    assert (counts[0] == counts[1]).all() and counts[1].sum() == (manifest["cardiomegaly"] == 1).sum()
 
 
 def write_2017_variant(labels: pd.DataFrame, path: Path) -> None:

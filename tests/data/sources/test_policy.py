@@ -1,4 +1,5 @@
-"""The shared steps of every builder: label policy, official splits, parsing helpers, config checks."""
+"""The shared steps of every builder: finding columns, required labels (a task's label policy),
+official splits, parsing helpers, config checks."""
 
 from pathlib import Path
 
@@ -10,16 +11,17 @@ from pydantic import ValidationError
 from pipeline.data.manifest import ManifestError
 from pipeline.data.pseudonym import patient_pseudonym, study_pseudonym
 from pipeline.data.sources import (
-    LabelPolicy,
     ManifestConfig,
     SplitPolicy,
-    apply_label_policy,
     assign_splits,
+    finding_columns,
     label_codes,
     normalise_sex,
     normalise_view,
     parse_ages,
+    require_labels,
 )
+from pipeline.tasks import TaskSpec, task_labels
 
 # effusion code, No Finding code for six images
 CODES = [(1.0, np.nan), (0.0, 1.0), (0.0, np.nan), (-1.0, np.nan), (np.nan, 1.0), (np.nan, np.nan)]
@@ -37,30 +39,47 @@ def records() -> pd.DataFrame:
 
 
 def labels_after(**policy) -> list:
-    out = apply_label_policy(records(), LabelPolicy(**policy))
-    return [None if pd.isna(v) else int(v) for v in out["effusion"].reindex(range(len(CODES)), fill_value=-9)]
+    """The effusion task's labels under ``policy`` on the raw codes, -9 for a row the policy leaves
+    unlabeled that was not blank (formerly dropped from the manifest), None for a blank one."""
+    manifest = finding_columns(records())
+    labels = task_labels(manifest, TaskSpec(name="t", column="effusion", **policy))
+    blank = manifest["effusion"].isna()
+    return [None if pd.isna(v) and b else -9 if pd.isna(v) else int(v) for v, b in zip(labels, blank)]
 
 
 @pytest.mark.parametrize(
-    "policy, expected",  # -9 marks a dropped row, None an unlabeled one
+    "policy, expected",  # -9 marks an unlabeled row that was not blank, None a blank one
     [
         ({}, [1, 0, 0, -9, None, None]),
         ({"uncertain": "positive"}, [1, 0, 0, 1, None, None]),
         ({"uncertain": "negative"}, [1, 0, 0, 0, None, None]),
-        ({"require_label": True}, [1, 0, 0, -9, -9, -9]),
-        ({"negative_requires_no_finding": True}, [1, 0, -9, -9, None, None]),
-        ({"negative_requires_no_finding": True, "uncertain": "negative", "require_label": True},
-         [1, 0, -9, -9, -9, -9]),
+        ({"blank": "negative"}, [1, 0, 0, -9, 0, 0]),
+        ({"negative_requires": ["no_finding"]}, [1, 0, -9, -9, None, None]),
+        ({"negative_requires": ["no_finding"], "uncertain": "negative"}, [1, 0, -9, -9, None, None]),
+        ({"negative_requires": ["no_finding"], "blank": "negative"}, [1, 0, -9, -9, 0, None]),
     ],
 )
 def test_label_policy_table(policy, expected):
     assert labels_after(**policy) == expected
 
 
-def test_label_policy_keeps_other_columns_and_dtype():
-    out = apply_label_policy(records(), LabelPolicy())
-    assert out["effusion"].dtype == "Int64"
-    assert out["study_id"].tolist() == records()["study_id"].drop(index=3).tolist()
+def test_finding_columns_keep_raw_codes_and_other_columns():
+    out = finding_columns(records())
+    assert out["effusion"].dtype == "Int64" and out["no_finding"].dtype == "Int64"
+    assert out["effusion"].tolist()[:4] == [1, 0, 0, -1]
+    assert out["study_id"].tolist() == records()["study_id"].tolist()
+    assert "effusion_code" not in out.columns
+    blank = finding_columns(records().assign(no_finding_code=np.nan, edema_code=np.nan))
+    assert "no_finding" not in blank.columns and "edema" not in blank.columns  # the source has no such label
+    assert "effusion" in blank.columns  # always written
+
+
+def test_require_labels_keeps_rows_the_tasks_label():
+    manifest = finding_columns(records()).assign(sex=["M", "F", "", "M", "F", "M"])
+    kept = require_labels(manifest, ["effusion_paper"])
+    assert kept.index.tolist() == [0, 1]  # positive; negative with No Finding
+    assert require_labels(manifest, ["effusion", "sex"]).index.tolist() == [0, 1]
+    assert require_labels(manifest, []).index.tolist() == list(range(6))
 
 
 def test_official_split_divides_trainval_per_patient():
@@ -98,12 +117,14 @@ def test_parsers():
 def test_config_rejects_bad_values():
     base = {"format": "nih", "root": "/data", "out": "m.csv"}
     assert ManifestConfig.model_validate({**base, "views": ["pa", " ap"]}).views == ["PA", "AP"]
+    assert ManifestConfig.model_validate({**base, "balance": "cardiomegaly"}).balance == "cardiomegaly"
     for bad in (
         {"split": {"fractions": {"train": 0.9, "val": 0.2}}},
         {"split": {"fractions": {"train": 0.5, "dev": 0.5}}},
-        {"labels": {"uncertain": "maybe"}},
+        {"labels": {"uncertain": "maybe"}},  # the label policy is the task's now
         {"format": "padchest"},
         {"balance": "age"},
+        {"require_labels": ["effusion", "cardiomegally"]},
         {"typo": 1},
     ):
         with pytest.raises(ValidationError):

@@ -1,0 +1,44 @@
+"""``simplebits reliance``: a classifier's true reliance on each rendered feature of a demo cohort."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from pipeline.classifier_args import adapter_overrides, add_classifier_arguments, classifier_kwargs
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "reliance",
+        help="measure a classifier's reliance on each device and on the effusion by rendering them away",
+        description="R = mean |P(x) - P(x without the feature)| over the studies of one split that have "
+        "the feature, from a demo cohort rendered with --counterfactuals.",
+    )
+    parser.add_argument("--cohort", type=Path, required=True,
+                        help="demo cohort folder (simplebits demo-cohort --counterfactuals)")
+    parser.add_argument("--ingest", type=Path, required=True,
+                        help="the cohort's ingest folder (its size, VOI and padding; its splits)")
+    parser.add_argument("--classifier", type=Path, required=True, help="classifier weights")
+    parser.add_argument("--task", default=None, help="task name (picks a multi-label head's output)")
+    parser.add_argument("--split", default="test", choices=("train", "val", "test", "all"),
+                        help="split to measure on (default test)")
+    parser.add_argument("--out", type=Path, default=None, help="per-study CSV (the summary is printed)")
+    parser.add_argument("--device", default="cpu")
+    add_classifier_arguments(parser)
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from pipeline.data.demo.reliance import classifier_reliance
+
+    table, summary = classifier_reliance(
+        args.cohort, args.ingest, args.classifier, split=None if args.split == "all" else args.split,
+        device=args.device, name=args.classifier_arch, kwargs=classifier_kwargs(args),
+        adapter=adapter_overrides(args), task=args.task,
+    )
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        table.to_csv(args.out, index=False)
+    print(summary.to_string(index=False))
+    return 0
