@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 RUN    ?= reports/demo
 
-.PHONY: install demo test browser dicom3tools clean-demo
+.PHONY: install demo test browser dicom3tools orthanc clean-demo
 
 install: $(STAMP)
 
@@ -36,7 +36,13 @@ dicom3tools:
 	@command -v dciodvfy >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq dicom3tools >/dev/null) \
 	  || echo "dicom3tools could not be installed; the dciodvfy test will be skipped"
 
-test: install browser dicom3tools
+# Debian's Orthanc and its DICOMweb plugin: the real PACS that the pacs-send tests start on loopback.
+orthanc:
+	@dpkg -s orthanc orthanc-dicomweb >/dev/null 2>&1 \
+	  || (apt-get update -qq && apt-get install -y -qq orthanc orthanc-dicomweb >/dev/null) \
+	  || echo "orthanc could not be installed; the PACS tests will be skipped"
+
+test: install browser dicom3tools orthanc
 	OMP_NUM_THREADS=2 $(BIN)/python -m pytest -q
 
 clean-demo:

@@ -576,6 +576,7 @@ def run_apply(config: ApplyConfig) -> dict[str, float]:
             summary = summarize(predictions, task, num_dims=math.prod(cohort.image_size))
             atomic_write_text(out_dir / METRICS_NAME, json.dumps({**summary, "task": task}, indent=2) + "\n")
             tracker.log_metrics({k: v for k, v in summary.items() if not math.isnan(v)})
+            tracker.log_table(predictions, "predictions.json")
             tracker.log_artifact(out_dir / PREDICTIONS_NAME)
             tracker.log_artifact(out_dir / METRICS_NAME)
             return summary

@@ -53,6 +53,10 @@ class RunFolder:
     def apply(self, task: str) -> Path:
         return self.root / "apply" / task
 
+    def explain(self, task: str) -> Path:
+        """``simplebits explain``'s maps of the task's classifier (``<study>/<method>.npy``, ``maps.csv``)."""
+        return self.root / "explain" / task
+
     @property
     def prior_weights(self) -> Path:
         return self.prior / "prior.safetensors"
@@ -99,6 +103,13 @@ def add_run_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--run", metavar="DIR",
                         help="run folder (e.g. reports/mimic): default inputs and output come from its "
                              "layout, and MLflow logs to its one store (DIR/mlflow.db)")
+
+
+def add_register_argument(parser: argparse.ArgumentParser) -> None:
+    """``--register NAME``: a training command also registers what it trained in the MLflow Model Registry."""
+    parser.add_argument("--register", metavar="NAME",
+                        help="also register the trained network in the MLflow Model Registry as NAME (a new "
+                             "version each time; config: tracking.register_as)")
 
 
 def run_folder(args: argparse.Namespace) -> RunFolder | None:

@@ -1,6 +1,6 @@
 """The whole pipeline in one command (``simplebits run``): cohort (the demo, or the user's manifest) →
-ingest → prior → classifiers → SimpleBits (joint and audit) → reports, all tracked under one MLflow
-parent run.
+ingest → prior → classifiers → SimpleBits (joint and audit) → saliency maps (optional) → reports,
+all tracked under one MLflow parent run.
 
 Each stage is the same function its own subcommand calls, writes into its folder of the run
 (ARCHITECTURE.md), and is skipped when its outputs already exist, so an interrupted run resumes
@@ -26,13 +26,14 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-from pydantic import model_validator
+from pydantic import Field, model_validator
 
 from pipeline.config import StrictModel, save_resolved_config
 from pipeline.data.demo.cohort import DemoCohortConfig, generate_cohort
 from pipeline.data.ingest import IngestConfig, ingest
 from pipeline.data.manifest import read_manifest
 from pipeline.errors import UserError
+from pipeline.explain.run import ExplainConfig
 from pipeline.prior import load_prior
 from pipeline.prior.train import PriorConfig
 from pipeline.run_folder import RunFolder
@@ -42,6 +43,7 @@ from pipeline.runtime.tracking import (
     Tracker,
     TrackingConfig,
     resolve_tracking_uri,
+    without_identifying_columns,
 )
 from pipeline.simplebits.audit import AuditConfig, ClassifierSpec
 from pipeline.simplebits.joint import JointConfig
@@ -68,12 +70,44 @@ class PriorStageConfig(StrictModel):
     settings: PriorConfig = PriorConfig(init="shipped")
 
 
+class ExplainStageConfig(ExplainConfig):
+    """``simplebits explain`` per task after the audits, on the first ``limit`` studies of ``split``
+    (the report shows them beside the simplified images). Off by default: even a few studies add
+    minutes on a CPU. Every key of ``simplebits explain``'s config (methods, ig.steps, ...) except
+    the paths and the task, which come from the run."""
+
+    enabled: bool = False
+    split: str | None = "test"
+    limit: int | None = Field(8, ge=1)
+
+    @model_validator(mode="after")
+    def _paths_come_from_the_run(self) -> "ExplainStageConfig":
+        given = [key for key in RUN_EXPLAIN_KEYS if getattr(self, key) is not None]
+        if given:
+            raise ValueError(f"{', '.join(given)}: set by the run (its ingest, classifier/<task>, prior, "
+                             "explain/<task> and task), not in the explain section")
+        return self
+
+
+#: ExplainConfig keys the explain stage fills in from the run folder.
+RUN_EXPLAIN_KEYS = ("ingest", "classifier", "prior", "out", "task")
+
+
 class ReportStageConfig(StrictModel):
     # the simplification run whose studies get panels and the cohort report, <setting>-<task>;
     # None: the audit of the first task (joint training of the first joint task if no audit ran)
     simplify: str | None = None
     dicom_secondary_capture: bool = True  # where sources are DICOM (JPEG/PNG have no study to join)
     allow_identity: bool = False  # copy patient identity into the Secondary Captures (off: pseudonyms)
+    # send the Secondary Captures to this PACS and confirm them (simplebits export): a DICOMweb root
+    # http(s)://HOST/dicom-web or dicom://AET@HOST:PORT; None: keep them on disk only
+    pacs_url: str | None = None
+
+    @model_validator(mode="after")
+    def _pacs_needs_captures(self) -> "ReportStageConfig":
+        if self.pacs_url and not self.dicom_secondary_capture:
+            raise ValueError("report.pacs_url needs report.dicom_secondary_capture: true (nothing to send)")
+        return self
 
 
 class RunConfig(StrictModel):
@@ -92,6 +126,7 @@ class RunConfig(StrictModel):
     independent: IndependentConfig = IndependentConfig()
     joint: JointConfig = JointConfig()
     audit: AuditConfig = AuditConfig()
+    explain: ExplainStageConfig = ExplainStageConfig()  # saliency maps per task (enabled: false)
     # tasks beyond the registry's, or changes to a registered task (merged onto it), e.g.
     # {sex: {settings: {audit: {audit: {lam: 1.0}}}}} or {edema_u1: {column: edema, uncertain: positive}}.
     # Per-task stage settings live in the task (pipeline/tasks.py, TaskSpec.settings): for_task merges
@@ -223,8 +258,8 @@ def _run_stages(config: RunConfig, folder: RunFolder, tracker: Tracker, timings:
         summary["ingest"] = {"ok": result.ok, "error": result.error, "total": result.total}
 
     with _stage("prior", timings):
-        summary["prior"] = _prior_stage(config.prior, folder, tracker,
-                                        labels=[*config.tasks, *config.joint_tasks])
+        prior_config = config.prior.model_copy(update={"settings": _registered(config.prior.settings, config, "prior")})
+        summary["prior"] = _prior_stage(prior_config, folder, tracker, labels=[*config.tasks, *config.joint_tasks])
 
     prior_path = str(folder.prior_weights)
     for task in config.tasks:
@@ -232,6 +267,7 @@ def _run_stages(config: RunConfig, folder: RunFolder, tracker: Tracker, timings:
             from pipeline.training.classifier import train_classifier_run
 
             task_config = config.for_task(task).classify.model_copy(update={"task": task})
+            task_config = _registered(task_config, config, f"classify-{task}")
             summary[f"classifier_{task}"] = _scalars(
                 train_classifier_run(folder.ingest, folder.classifier(task), task_config))
 
@@ -248,8 +284,10 @@ def _run_stages(config: RunConfig, folder: RunFolder, tracker: Tracker, timings:
                 spec = task_config.independent
                 independent_config = task_config.classify.model_copy(update={
                     "task": task, "seed": spec.seed, "model": spec.model, "train": spec.train})
-                summary[f"independent_{task}"] = _scalars(
-                    train_classifier_run(folder.ingest, folder.independent(task), independent_config))
+                name = f"independent-check-{task}"  # its MLflow run and model say it is not the classifier
+                summary[f"independent_{task}"] = _scalars(train_classifier_run(
+                    folder.ingest, folder.independent(task), _registered(independent_config, config, name),
+                    name=name))
 
     def independent(task: str) -> IndependentConfig:
         if not trained_here(task):
@@ -264,9 +302,9 @@ def _run_stages(config: RunConfig, folder: RunFolder, tracker: Tracker, timings:
             # is what makes joint training fit the CPU budget (from scratch it barely simplifies).
             init = folder.classifier_weights(task)
             joint = config.for_task(task).joint
-            joint_config = joint.model_copy(update={
+            joint_config = _registered(joint.model_copy(update={
                 "task": task, "prior": prior_path, "independent": independent(task),
-                "classifier_init": str(init) if init.is_file() else joint.classifier_init})
+                "classifier_init": str(init) if init.is_file() else joint.classifier_init}), config, f"joint-{task}")
             summary[f"joint_{task}"] = [_scalars(s) for s in run_joint(
                 folder.ingest, folder.simplify("joint", task), joint_config, mask_dir=masks)]
 
@@ -274,15 +312,39 @@ def _run_stages(config: RunConfig, folder: RunFolder, tracker: Tracker, timings:
         with _stage(f"audit-{task}", timings):
             from pipeline.simplebits.audit import audit_command
 
-            audit_config = config.for_task(task).audit.model_copy(update={
+            audit_config = _registered(config.for_task(task).audit.model_copy(update={
                 "task": task, "prior": prior_path, "independent": independent(task),
                 "classifiers": [ClassifierSpec(path=str(folder.classifier_weights(task)))],
-            })
+            }), config, f"audit-{task}")
             summary[f"audit_{task}"] = _scalars(audit_command(
                 folder.ingest, folder.simplify("audit", task), audit_config, mask_dir=masks))
 
+    for task in config.tasks:  # the audited tasks: their classifiers are the run's
+        explain = config.for_task(task).explain
+        if explain.enabled:
+            with _stage(f"explain-{task}", timings):
+                summary[f"explain_{task}"] = _explain_stage(explain, folder, task, tracker)
+
     with _stage("reports", timings):
         summary["report"] = _report_stage(config, folder, tracker)
+
+
+def _explain_stage(config: ExplainStageConfig, folder: RunFolder, task: str, tracker: Tracker) -> dict[str, Any]:
+    """The saliency maps of the task's classifier into ``explain/<task>`` (resumed map by map), with
+    each method's seconds per study logged to MLflow."""
+    from pipeline.explain.run import MAPS_NAME, run_explain
+
+    paths = {"ingest": folder.ingest, "classifier": folder.classifier_weights(task), "prior": folder.prior_weights,
+             "out": folder.explain(task)}
+    explain_config = ExplainConfig.model_validate({
+        **config.model_dump(exclude={"enabled"}), **{k: str(v) for k, v in paths.items()}, "task": task})
+    summary = run_explain(explain_config)
+    with tracker.run(f"explain-{task}", params=explain_config.model_dump(mode="json", exclude=set(paths)),
+                     tags={"stage": "explain"}):
+        tracker.log_metrics({f"seconds_per_study_{method}": numbers["seconds_per_study"]
+                             for method, numbers in summary["methods"].items()})
+        tracker.log_artifact(folder.explain(task) / MAPS_NAME)
+    return _scalars(summary)
 
 
 def _prior_stage(config: PriorStageConfig, folder: RunFolder, tracker: Tracker,
@@ -320,9 +382,21 @@ def _prior_stage(config: PriorStageConfig, folder: RunFolder, tracker: Tracker,
             metrics[f"mean_bpd_{task}_{_value_name(value)}"] = float(mean)
     with tracker.run("prior-bpd", params={"finetune": config.finetune}, tags={"stage": "prior"}):
         tracker.log_metrics(metrics)
-        tracker.log_model_files("prior", [folder.prior_weights, folder.prior_weights.with_suffix(".json")])
+        if not config.finetune:  # the shipped prior used as is (a fine-tune is logged by its own run)
+            tracker.log_model("prior", folder.prior_weights, name="prior",
+                              register=config.settings.tracking.register_as)
+        tracker.log_table(table, "bpd.json")
         tracker.log_artifact(table_path)
     return metrics
+
+
+def _registered(section: Any, config: RunConfig, stage: str) -> Any:
+    """A stage's config registering its network as ``<tracking.register_as>-<stage>`` when the run's
+    ``tracking.register_as`` is set (unchanged otherwise)."""
+    if not config.tracking.register_as:
+        return section
+    tracking = section.tracking.model_copy(update={"register_as": f"{config.tracking.register_as}-{stage}"})
+    return section.model_copy(update={"tracking": tracking})
 
 
 def _value_name(value: Any) -> str:
@@ -359,7 +433,14 @@ def _report_stage(config: RunConfig, folder: RunFolder, tracker: Tracker) -> dic
     tracker.log_artifact(folder.root / "cohort_report", "cohort_report")
     table = pd.read_parquet(folder.root / "cohort_report" / "studies.parquet")
     tracker.log_dataset(table, f"study-table-{name}", context="analysis")
-    return {"simplify": name, "secondary_captures": None if captures is None else len(captures)}
+    tracker.log_table(without_identifying_columns(table), "studies.json")
+    summary = {"simplify": name, "secondary_captures": None if captures is None else len(captures)}
+    if config.report.pacs_url:
+        from pipeline.io.pacs import send_run
+
+        summary["pacs"] = send_run(folder.root, config.report.pacs_url,
+                                   allow_identity=config.report.allow_identity)
+    return summary
 
 
 def _tradeoff_table(sim_dir: Path, name: str) -> pd.DataFrame | None:
@@ -395,6 +476,8 @@ def print_where_to_look(summary: dict[str, Any], echo: Callable[[str], None] = p
     echo(f"Done: {root}")
     echo(f"  cohort report : {root / 'cohort_report' / 'index.html'}")
     echo(f"  study panels  : {root / 'studies'}/<study>/panel.png")
+    if any(key.startswith("explain_") for key in summary):
+        echo(f"  saliency maps : {root / 'studies'}/<study>/explain.png (all maps: {root / 'explain'}/<task>/)")
     echo(f"  MLflow UI     : .venv/bin/mlflow ui --backend-store-uri {summary['tracking_uri']} --port 5000")
     echo(f"  review page   : .venv/bin/simplebits review {root}")
     if shutil.which("xdg-open"):

@@ -36,6 +36,11 @@ TINY = [
     "audit.train.epochs=1",
     "audit.independent.train.epochs=1",
     "audit.evaluate.baselines=[blur]",
+    "explain.enabled=true",  # off by default; here on so that its outputs are checked for PHI too
+    "explain.methods=[ig,gradcam]",
+    "explain.limit=2",
+    "explain.ig.steps=4",
+    "tracking.register_as=tiny",  # each stage's network registered as tiny-<stage>-<task>
 ]
 
 
@@ -70,7 +75,10 @@ def test_every_stage_writes_its_outputs(tiny_run):
         assert (out / rel).is_file(), rel
     panels = list((out / "studies").glob("*/panel.png"))
     assert panels, "no per-study panels"
-    assert set(summary["stage_seconds"]) >= {"cohort", "ingest", "prior", "reports"}
+    assert set(summary["stage_seconds"]) >= {"cohort", "ingest", "prior", "explain-effusion", "reports"}
+    assert (out / "explain" / "effusion" / "maps.csv").is_file()
+    assert len(list((out / "studies").glob("*/explain.png"))) == 2  # the 2 explained test studies
+    assert 'id="saliency-maps"' in (out / "cohort_report" / "index.html").read_text()
 
 
 @pytest.mark.slow
@@ -80,12 +88,23 @@ def test_mlflow_has_parent_and_nested_stage_runs(tiny_run):
         runs = dict(db.execute("select run_uuid, name from runs").fetchall())
         parents = dict(db.execute("select run_uuid, value from tags where key='mlflow.parentRunId'").fetchall())
         metrics = db.execute("select count(*) from metrics").fetchone()[0]
+        models = dict(db.execute("select name, source_run_id from logged_models").fetchall())
+        registered = {name for (name,) in db.execute("select name from registered_models")}
     (parent_id,) = [k for k, v in runs.items() if v == "simplebits-pipeline"]
     children = {runs[k] for k, v in parents.items() if v == parent_id}
     assert any(name.startswith("prior") for name in children), children
-    assert any("classify" in name for name in children), children
+    # the classifier and its independent check say which is which
+    assert {"classify-effusion", "independent-check-effusion"} <= children, children
+    # every trained network is an MLflow Model of the run that trained it
+    for name in ("classify-effusion", "independent-check-effusion", "simplify-audit-effusion"):
+        assert runs[models[name]] == name, (name, models)
+    assert runs[models["prior"]] in ("prior", "prior-bpd")  # its fine-tune, or the shipped prior used as is
+    assert any(name.startswith("simplify-joint-effusion") and name.endswith("-classifier") for name in models)
+    assert registered == {"tiny-prior", "tiny-classify-effusion", "tiny-independent-check-effusion",
+                          "tiny-joint-effusion", "tiny-joint-effusion-classifier", "tiny-audit-effusion"}
     assert any("joint" in name for name in children), children
     assert any("audit" in name for name in children), children
+    assert "explain-effusion" in children, children
     assert metrics > 0
 
 

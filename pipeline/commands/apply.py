@@ -8,10 +8,12 @@ import json
 from pipeline.classifier_args import add_classifier_arguments, adapter_overrides, classifier_kwargs
 from pipeline.config import add_config_arguments, config_from_args
 from pipeline.run_folder import add_run_argument, path_argument, run_default, run_folder
+from pipeline.runtime.model_uri import with_local_weights
 from pipeline.tasks import task_argument
 
 DESCRIPTION = """\
-Simplify every study of an ingest folder (or one split) and score original and simplified images:
+Simplify every study of an ingest folder (or one split) and score original and simplified images
+(the models: files, or MLflow URIs models:/NAME/VERSION or runs:/RUN_ID/PATH):
 P(positive) of the classifier, bits per dimension under the prior (midpoint dequantization) and
 bits saved per study. Writes OUT/simplified/ (a cohort store: one uint8 slot per study),
 OUT/parts/part-<rank>.csv, OUT/predictions.csv and OUT/metrics.json. Re-running skips finished
@@ -72,6 +74,8 @@ def run(args: argparse.Namespace) -> int:
         **{"tracking.enabled": False if args.no_mlflow else None},
     )
     config = in_run_folder(config, run_folder(args))
+    config = with_local_weights(config, {"--simplifier": "simplifier", "--classifier": "classifier",
+                                         "--prior": "prior"})
     summary = run_apply(config)
     if summary:
         print(json.dumps(summary, indent=2))

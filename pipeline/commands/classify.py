@@ -7,7 +7,7 @@ import argparse
 import json
 
 from pipeline.config import add_config_arguments
-from pipeline.run_folder import add_run_argument, path_argument, run_folder, with_run_tracking
+from pipeline.run_folder import add_register_argument, add_run_argument, path_argument, run_folder, with_run_tracking
 from pipeline.tasks import stage_config_from_args, task_argument
 
 
@@ -29,6 +29,7 @@ def register_train(actions: argparse._SubParsersAction) -> None:
     parser.add_argument("--out", help="output folder (default with --run: DIR/classifier/<task>)")
     add_run_argument(parser)
     parser.add_argument("--force", action="store_true", help="retrain even if metrics.json exists")
+    add_register_argument(parser)
     add_config_arguments(parser, "classify")
     parser.set_defaults(func=run_train)
 
@@ -38,7 +39,8 @@ def run_train(args: argparse.Namespace) -> int:
     from pipeline.training.classifier import ClassifyConfig, train_classifier_run
 
     folder = run_folder(args)
-    config = stage_config_from_args(ClassifyConfig, args, "classify", task=args.task)
+    config = stage_config_from_args(ClassifyConfig, args, "classify", task=args.task,
+                                    **{"tracking.register_as": args.register})
     config = with_run_tracking(config, folder)
     ingest = path_argument(args.ingest, folder, lambda f: f.ingest, "--ingest")
     out = path_argument(args.out, folder, lambda f: f.classifier(config.task), "--out")

@@ -11,6 +11,7 @@ from pipeline.config import add_config_arguments, config_from_args
 from pipeline.errors import UserError
 from pipeline.run_folder import (
     RunFolder,
+    add_register_argument,
     add_run_argument,
     path_argument,
     run_default,
@@ -18,6 +19,7 @@ from pipeline.run_folder import (
     with_run_tracking,
 )
 from pipeline.runtime.atomic import atomic_path, atomic_write_text
+from pipeline.runtime.model_uri import local_weights, with_local_weights
 from pipeline.tasks import DEFAULT_TASKS, task_labels, tasks_argument
 
 log = logging.getLogger(__name__)
@@ -30,7 +32,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     train = sub.add_parser("train", help="train (or resume / fine-tune) a prior")
     _add_cohort_arguments(train)
     add_config_arguments(train, "prior")
-    train.add_argument("--init", help="scratch | shipped | <prior.safetensors> (overrides init)")
+    train.add_argument("--init", help="scratch | shipped | <prior.safetensors> | an MLflow models:/ or runs:/ URI "
+                                      "(overrides init)")
+    add_register_argument(train)
     train.add_argument("--out", help="output folder, resumes from its checkpoint.pt (default with --run: "
                                      "DIR/prior, the cohort DIR/ingest)")
     train.set_defaults(func=run_train)
@@ -82,7 +86,9 @@ def run_train(args: argparse.Namespace) -> int:
     from pipeline.prior.train import PriorConfig, train_prior
 
     folder = run_folder(args)
-    config = with_run_tracking(config_from_args(PriorConfig, args, init=args.init), folder)
+    config = with_run_tracking(config_from_args(PriorConfig, args, init=args.init,
+                                                **{"tracking.register_as": args.register}), folder)
+    config = with_local_weights(config, {"--init": "init"})
     out = path_argument(args.out, folder, lambda f: f.prior, "--out")
     ingest, manifest = _cohort_arguments(args, folder)
     radiographs = val_radiographs = None
@@ -110,7 +116,8 @@ def run_bpd(args: argparse.Namespace) -> int:
         raise UserError("prior bpd: give the cohort with --ingest, --manifest or --run")
     out = path_argument(args.out, folder, lambda f: f.prior / "bpd.csv", "--out")
     device = pick_device(args.device)
-    model = load_prior(args.prior or run_default(folder, lambda f: f.prior_weights), device=device)
+    prior = local_weights(args.prior, "--prior", folder.tracking_uri() if folder else None)
+    model = load_prior(prior or run_default(folder, lambda f: f.prior_weights), device=device)
     images, frame = load_radiographs(ingest, manifest, size=args.size)  # an ingest folder: lazy
     tasks = args.tasks or list(DEFAULT_TASKS)
     table = bpd_table(model, images, frame, device=device, size=args.size, tasks=tasks)
@@ -130,7 +137,7 @@ def run_ordering(args: argparse.Namespace) -> int:
     from pipeline.prior.data import load_radiographs, read_uint8, render_reference_radiographs, resize_uint8
     from pipeline.prior.evaluate import ordering_holds, simplicity_ordering
 
-    model = load_prior(args.prior)
+    model = load_prior(local_weights(args.prior, "--prior"))
     size = max(args.sizes)
     if args.ingest or args.manifest:
         images, _ = load_radiographs(args.ingest, args.manifest, split="test", size=size,

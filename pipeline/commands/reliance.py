@@ -19,7 +19,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="demo cohort folder (simplebits demo-cohort --counterfactuals)")
     parser.add_argument("--ingest", type=Path, required=True,
                         help="the cohort's ingest folder (its size, VOI and padding; its splits)")
-    parser.add_argument("--classifier", type=Path, required=True, help="classifier weights")
+    parser.add_argument("--classifier", required=True,
+                        help="classifier weights (or an MLflow models:/NAME/VERSION or runs:/ URI)")
     parser.add_argument("--task", default=None, help="task name (picks a multi-label head's output)")
     parser.add_argument("--split", default="test", choices=("train", "val", "test", "all"),
                         help="split to measure on (default test)")
@@ -31,9 +32,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from pipeline.data.demo.reliance import classifier_reliance
+    from pipeline.runtime.model_uri import local_weights
 
     table, summary = classifier_reliance(
-        args.cohort, args.ingest, args.classifier, split=None if args.split == "all" else args.split,
+        args.cohort, args.ingest, Path(local_weights(args.classifier, "--classifier")), split=None if args.split == "all" else args.split,
         device=args.device, name=args.classifier_arch, kwargs=classifier_kwargs(args),
         adapter=adapter_overrides(args), task=args.task,
     )

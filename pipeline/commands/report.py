@@ -83,7 +83,7 @@ def run_report(args: argparse.Namespace) -> int:
     from pipeline.config import save_resolved_config
     from pipeline.report.html import write_run_cohort_report
     from pipeline.report.study import write_run_study_reports
-    from pipeline.runtime.tracking import Tracker
+    from pipeline.runtime.tracking import Tracker, without_identifying_columns
 
     config = config_from_args(
         ReportConfig, args, simplify=args.simplify, **{
@@ -120,6 +120,7 @@ def run_report(args: argparse.Namespace) -> int:
 
             table = pd.read_parquet(run_dir / "cohort_report" / "studies.parquet")
             tracker.log_dataset(table, name=f"studies-{config.simplify}", context="evaluation", targets="label")
+            tracker.log_table(without_identifying_columns(table), "studies.json")
             tracker.log_artifact(run_dir / "cohort_report", "cohort_report")
             tracker.log_study_reports(run_dir / "studies")
     print(json.dumps(summary, indent=2))

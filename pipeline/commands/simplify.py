@@ -15,12 +15,14 @@ from pipeline.config import add_config_arguments, config_from_args
 from pipeline.errors import UserError
 from pipeline.run_folder import (
     RunFolder,
+    add_register_argument,
     add_run_argument,
     path_argument,
     run_default,
     run_folder,
     with_run_tracking,
 )
+from pipeline.runtime.model_uri import local_weights, with_local_weights
 from pipeline.tasks import stage_config_from_args, task_argument
 
 ConfigT = TypeVar("ConfigT", bound=Any)  # a JointConfig or AuditConfig (both have ``independent``)
@@ -46,12 +48,13 @@ def register_train(actions: argparse._SubParsersAction) -> None:
     add_prior_argument(parser)
     parser.add_argument("--classifier-init", help="start the classifier from these weights (classify train's "
                         "model.safetensors, or a state_dict of the network --classifier-arch / the config's "
-                        "classifier names; not TorchScript; default with --run: DIR/classifier/<task>/ if "
-                        "trained)")
+                        "classifier names; not TorchScript; or an MLflow models:/NAME/VERSION or runs:/ URI; "
+                        "default with --run: DIR/classifier/<task>/ if trained)")
     add_classifier_arguments(parser)  # how to read --classifier-init (network, adapter)
     add_check_arguments(parser)
     add_out_argument(parser, "joint")
     parser.add_argument("--force", action="store_true", help="retrain even if metrics.json exists")
+    add_register_argument(parser)  # the simplifier as NAME, the classifier trained with it as NAME-classifier
     add_config_arguments(parser, "simplify_joint")
     parser.set_defaults(func=run_train)
 
@@ -63,12 +66,14 @@ def run_train(args: argparse.Namespace) -> int:
     folder = run_folder(args)
     config = stage_config_from_args(JointConfig, args, "joint", task=args.task, **{
         "classifier.name": args.classifier_arch, "classifier.kwargs": classifier_kwargs(args),
-        "classifier_adapter": adapter_overrides(args)})
+        "classifier_adapter": adapter_overrides(args), "tracking.register_as": args.register})
     config = with_run_tracking(config.model_copy(update={
         "prior": args.prior or config.prior or run_default(folder, lambda f: f.prior_weights),
         "classifier_init": args.classifier_init or config.classifier_init
         or run_default(folder, lambda f: f.classifier_weights(config.task))}), folder)
     config = with_independent(config, independent_path(args, folder, config))
+    config = with_local_weights(config, {"--prior": "prior", "--classifier-init": "classifier_init",
+                                         "--independent": "independent.path"})
     summaries = run_joint(path_argument(args.ingest, folder, lambda f: f.ingest, "--ingest"),
                           output_folder(args, folder, "joint", config.task), config, force=args.force,
                           mask_dir=args.masks or run_default(folder, lambda f: f.masks))
@@ -83,8 +88,9 @@ def add_input_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_prior_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--prior", help="prior .safetensors (default: config prior, else the run's prior with "
-                                        "--run, else the shipped prior)")
+    parser.add_argument("--prior", help="prior .safetensors or an MLflow models:/NAME/VERSION or runs:/ URI "
+                                        "(default: config prior, else the run's prior with --run, else the "
+                                        "shipped prior)")
 
 
 def add_out_argument(parser: argparse.ArgumentParser, setting: str) -> None:
@@ -98,7 +104,8 @@ def output_folder(args: argparse.Namespace, folder: RunFolder | None, setting: s
 def add_check_arguments(parser: argparse.ArgumentParser) -> None:
     """The evaluation inputs joint training and the audit share (pipeline/simplebits/outcomes.py)."""
     parser.add_argument("--independent", metavar="WEIGHTS",
-                        help="independent check classifier trained on originals (default: the run's "
+                        help="independent check classifier trained on originals, a file or an MLflow "
+                             "models:/ or runs:/ URI (default: the run's "
                              "classifier/<task>-independent/ with --run, else train one)")
     parser.add_argument("--masks", help="ground-truth masks folder (demo cohort: <run>/cohort/masks, the "
                                         "default with --run where it exists)")
@@ -131,13 +138,15 @@ def register_audit(actions: argparse._SubParsersAction) -> None:
                         help="label to keep: any registered task (default: config task)")
     parser.add_argument("--classifier", action="append", default=[], metavar="WEIGHTS",
                         help="frozen classifier: package .safetensors, state_dict .pt/.pth/.safetensors, or "
-                             "TorchScript; repeat for an ensemble (default with --run: DIR/classifier/<task>/)")
+                             "TorchScript, or an MLflow models:/NAME/VERSION or runs:/ URI; repeat for an ensemble "
+                             "(default with --run: DIR/classifier/<task>/)")
     add_classifier_arguments(parser, arch_per_classifier=True)
     add_prior_argument(parser)
     add_check_arguments(parser)
     parser.add_argument("--per-study", metavar="STUDY_ID", help="audit one study by direct optimisation")
     add_out_argument(parser, "audit")
     parser.add_argument("--force", action="store_true", help="redo even if metrics.json exists")
+    add_register_argument(parser)
     add_config_arguments(parser, "simplify_audit")
     parser.set_defaults(func=run_audit)
 
@@ -146,7 +155,8 @@ def run_audit(args: argparse.Namespace) -> int:
     from pipeline.simplebits.audit import AuditConfig, ClassifierSpec, audit_command, audit_study_command
 
     folder = run_folder(args)
-    config = stage_config_from_args(AuditConfig, args, "audit", task=args.task)
+    config = stage_config_from_args(AuditConfig, args, "audit", task=args.task,
+                                    **{"tracking.register_as": args.register})
     config = with_run_tracking(config.model_copy(update={
         "prior": args.prior or config.prior or run_default(folder, lambda f: f.prior_weights)}), folder)
     if not args.classifier and not config.classifiers and folder is not None:
@@ -162,6 +172,10 @@ def run_audit(args: argparse.Namespace) -> int:
         config = config.model_copy(update={"classifiers": [ClassifierSpec(path=p, name=a, **declared)
                                                            for p, a in zip(args.classifier, archs)]})
     config = with_independent(config, independent_path(args, folder, config))
+    config = with_local_weights(config, {"--prior": "prior", "--independent": "independent.path"})
+    config = config.model_copy(update={"classifiers": [
+        spec.model_copy(update={"path": local_weights(spec.path, "--classifier", config.tracking.uri)})
+        for spec in config.classifiers]})
     if not config.classifiers:
         raise UserError("simplify audit: give the frozen classifier with --classifier "
                         "(or classifiers: in the config)")
@@ -200,6 +214,7 @@ def run_condense(args: argparse.Namespace) -> int:
     config = config_from_args(CondenseConfig, args, task=args.task, **{"condense.ipc": args.ipc})
     config = with_run_tracking(config.model_copy(update={
         "prior": args.prior or config.prior or run_default(folder, lambda f: f.prior_weights)}), folder)
+    config = with_local_weights(config, {"--prior": "prior"})
     summaries = condense_command(path_argument(args.ingest, folder, lambda f: f.ingest, "--ingest"),
                                  output_folder(args, folder, "condense", config.task), config, force=args.force)
     print(json.dumps([{k: v for k, v in s.items() if k != "history"} for s in summaries], indent=2))

@@ -60,7 +60,7 @@ from pipeline.data.store import CohortStore, StoredImages, is_store, write_image
 from pipeline.data.transforms import DEFAULT_SIZE, ingest_transforms, validate_size
 from pipeline.errors import PathNotFoundError, UserError
 from pipeline.io.readers import RadiographReadError
-from pipeline.runtime.csv_log import AppendOnlyCsv
+from pipeline.runtime.csv_log import AppendOnlyCsv, neutralise_cell
 from pipeline.runtime.distributed import barrier, shard
 from pipeline.runtime.progress import progress
 from pipeline.tasks import FINDINGS, task_labels  # task_labels: re-exported for the stages
@@ -258,7 +258,9 @@ class StatusWriter(AppendOnlyCsv):
         super().__init__(path, STATUS_COLUMNS)
 
     def write(self, result: StudyResult) -> None:
-        self.write_rows([[result.study_id, result.status, result.reason, f"{result.seconds:.4f}"]])
+        # The reason quotes the user's file name, which may start with "=" (formula injection).
+        reason = neutralise_cell(result.reason)
+        self.write_rows([[result.study_id, result.status, reason, f"{result.seconds:.4f}"]])
 
 
 def read_status(path: str | Path) -> pd.DataFrame:

@@ -260,10 +260,11 @@ def train_prior(
                     checkpoint_path=out_dir / CHECKPOINT_NAME, tracker=tracker, max_minutes=tc.max_minutes)
     with tracker.run("prior", params=config.model_dump(mode="json"), resume_file=out_dir / RUN_ID_NAME):
         run = engine.fit(step, batches=epoch_steps, steps_per_epoch=steps_per_epoch, evaluate=evaluate)
-        if ctx.is_main:
-            for suffix in (".safetensors", ".json"):
-                if (out_dir / PRIOR_NAME).with_suffix(suffix).is_file():
-                    tracker.log_artifact((out_dir / PRIOR_NAME).with_suffix(suffix))
+        weights = (out_dir / PRIOR_NAME).with_suffix(".safetensors")
+        if ctx.is_main and weights.is_file():
+            if math.isfinite(best.bpd):
+                tracker.log_metrics({"best_val_bpd": best.bpd})  # step 0: linked to the model logged next
+            tracker.log_model("prior", weights, name="prior", register=config.tracking.register_as)
     barrier()
     return {**info, "best_val_bpd": best.bpd, "steps": run.stopped_epoch * steps_per_epoch,
             "stopped_epoch": run.stopped_epoch, "time_capped": run.time_capped}

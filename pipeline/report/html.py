@@ -11,20 +11,24 @@ import base64
 import html
 import json
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from string import Template
 from typing import Any
 
 import pandas as pd
+from jinja2 import Environment, FileSystemLoader
 
 from pipeline.report import cohort
+from pipeline.report.maps import EXPLAIN_PANEL_NAME, CohortMaps, cohort_maps
 from pipeline.report.study import PANEL_NAME
 from pipeline.runtime.atomic import atomic_write_text
 
 TEMPLATE = Path(__file__).parent / "templates" / "cohort.html"
 REPORT_DIR = "cohort_report"
+#: Studies whose maps the report shows in full (the gallery links every study's maps).
+MAP_EXAMPLES = 4
 #: What the classifier recognises, in words, per task (else the registry's TaskSpec.text).
 TASK_DESCRIPTIONS = {"effusion": "pleural effusion", "sex": "the patient's sex"}
 
@@ -90,12 +94,40 @@ def _card(key: str, original: float, simplified: float, digits: int = 3) -> str:
             f'<div class="k">{_fmt(original, digits)} on the originals</div></div>')
 
 
-def _gallery(table: pd.DataFrame, studies_href: str, positive_name: str) -> str:
+def _truth(label: Any, positive_name: str) -> str:
+    return "unlabelled" if pd.isna(label) else positive_name if int(label) else f"no {positive_name}"
+
+
+def example_studies(table: pd.DataFrame, with_maps: Iterable[str], n: int = MAP_EXAMPLES) -> pd.DataFrame:
+    """Up to ``n`` rows of ``table`` among the studies ``with_maps``, positives and negatives taken
+    in turn (by study id), so that the examples show the maps with and without the finding."""
+    rows = table[table["study_id"].isin(set(with_maps))].sort_values("study_id")
+    turn = rows.groupby(rows["label"].fillna(-1), sort=False).cumcount()  # 0, 1, ... within each label
+    order = rows.assign(turn=turn, positive=rows["label"].ne(1)).sort_values(["turn", "positive", "study_id"])
+    return order.drop(columns=["turn", "positive"]).head(n)
+
+
+def _maps_section(table: pd.DataFrame, maps: CohortMaps, studies_href: str, positive_name: str) -> str | None:
+    """The saliency maps of a few studies (their explain panels) and what each method cost."""
+    examples = example_studies(table, maps.studies)
+    if examples.empty:  # maps of studies this report does not show
+        return None
+    environment = Environment(loader=FileSystemLoader(TEMPLATE.parent), autoescape=True)
+    return environment.get_template("explain_section.html").render(
+        positive_name=positive_name, studies_href=studies_href, panel_name=EXPLAIN_PANEL_NAME,
+        n_studies=int(table["study_id"].isin(set(maps.studies)).sum()),
+        examples=[{**row, "truth": _truth(row["label"], positive_name)} for row in examples.to_dict("records")],
+        cost=maps.cost.to_dict("records"),
+    )
+
+
+def _gallery(table: pd.DataFrame, studies_href: str, positive_name: str,
+             with_maps: Collection[str] = ()) -> str:
     cards = []
     for row in table.sort_values("study_id").to_dict("records"):
         sid = html.escape(str(row["study_id"]))
         label = None if pd.isna(row["label"]) else int(row["label"])
-        truth = ("unlabelled" if label is None else positive_name if label else f"no {positive_name}")
+        truth = _truth(row["label"], positive_name)
         tags = f'<span class="tag {"pos" if label else "neg"}">{html.escape(truth)}</span>'
         verdicts = {}
         for which in ("simpl", "orig"):
@@ -107,6 +139,8 @@ def _gallery(table: pd.DataFrame, studies_href: str, positive_name: str) -> str:
                          f'{"correct" if ok else "wrong"}</span>')
         bits = row.get("bits_saved", row["bpd_drop"])
         href = f"{studies_href}/{sid}/{PANEL_NAME}"
+        maps_link = (f' · <a href="{studies_href}/{sid}/{EXPLAIN_PANEL_NAME}">saliency maps</a>'
+                     if row["study_id"] in with_maps else "")
         cards.append(
             f'<div class="study" data-id="{sid}" data-label="{"" if label is None else label}" '
             f'data-correct-orig="{verdicts["orig"]}" data-correct-simpl="{verdicts["simpl"]}" '
@@ -114,7 +148,7 @@ def _gallery(table: pd.DataFrame, studies_href: str, positive_name: str) -> str:
             f'data-pchange="{abs(float(row["p_simpl"]) - float(row["p_orig"])):.4f}">'
             f'<a href="{href}"><img loading="lazy" src="{href}" alt="study {sid}"></a>'
             f'<div class="meta"><b>{sid}</b> {tags}<br>P original {float(row["p_orig"]):.2f} → simplified '
-            f'{float(row["p_simpl"]):.2f} · bpd {float(row["bpd_orig"]):.2f} → {float(row["bpd_simpl"]):.2f}</div></div>'
+            f'{float(row["p_simpl"]):.2f} · bpd {float(row["bpd_orig"]):.2f} → {float(row["bpd_simpl"]):.2f}{maps_link}</div></div>'
         )
     toolbar = (
         '<div class="toolbar"><label>Show <select id="g-filter">'
@@ -180,9 +214,11 @@ def render_cohort_html(
     studies_href: str = "../studies",
     run_metrics: Mapping[str, Any] | None = None,
     secondary_captures: str | None = None,
+    maps: CohortMaps | None = None,
 ) -> str:
     """The report page as a string. ``plots`` maps ``tradeoff|bpd_hist|subgroups`` to PNG files;
-    ``secondary_captures``: a sentence on the DICOM Secondary Captures (:func:`secondary_capture_note`)."""
+    ``secondary_captures``: a sentence on the DICOM Secondary Captures (:func:`secondary_capture_note`);
+    ``maps``: the run's saliency maps (a section and a link per study with maps)."""
     overall = cohort.summarise(table).iloc[0]
     by_label = cohort.summarise(table, by="label")
     by_label["label"] = by_label["label"].map(
@@ -231,10 +267,13 @@ def render_cohort_html(
     if figures:
         sections.append("<section><h2>Simplicity and performance</h2><div class=\"plots\">"
                         + "".join(figures) + "</div></section>")
+    if maps is not None and (maps_section := _maps_section(table, maps, studies_href, positive_name)):
+        sections.append(maps_section)
     sections.append(
         "<section><h2>Studies</h2><p class=\"explain\">Each panel shows the original, the simplified image and "
         "a colour map of what changed (red = brighter, blue = darker after simplification). Click a panel to "
-        "enlarge it.</p>" + _gallery(table, studies_href, positive_name) + "</section>"
+        "enlarge it.</p>" + _gallery(table, studies_href, positive_name, maps.studies if maps else ())
+        + "</section>"
     )
     hint = html.escape(run_dir_hint)
     sections.append(
@@ -267,10 +306,12 @@ def write_cohort_report(
     studies_href: str = "../studies",
     run_metrics: Mapping[str, Any] | None = None,
     secondary_captures: str | None = None,
+    maps: CohortMaps | None = None,
 ) -> Path:
     """Tables, plots and ``index.html`` into ``out_dir`` (normally ``RUN_DIR/cohort_report``);
     ``run_metrics``: the simplification run's ``metrics.json`` (its checks get a section);
-    ``secondary_captures``: a sentence on the DICOM Secondary Captures."""
+    ``secondary_captures``: a sentence on the DICOM Secondary Captures; ``maps``: the saliency maps
+    of simplebits explain (their panels under ``studies_href``)."""
     out_dir = Path(out_dir)
     cohort.write_study_table(table, out_dir)
     subgroups = cohort.subgroup_performance(table, families, min_subgroup_size)
@@ -281,7 +322,7 @@ def write_cohort_report(
     if sweep is not None and len(sweep):
         plots["tradeoff"] = cohort.plot_tradeoff(sweep, out_dir / "plots" / "tradeoff.png")
     page = render_cohort_html(table, subgroups, plots, task, setting, positive_name, run_dir_hint, studies_href,
-                              run_metrics, secondary_captures)
+                              run_metrics, secondary_captures, maps)
     atomic_write_text(out_dir / "index.html", page)
     return out_dir / "index.html"
 
@@ -297,9 +338,11 @@ def write_run_cohort_report(
     secondary_captures: Sequence[Path] | None = None,
 ) -> Path:
     """The cohort report of one simplification run, into ``RUN_DIR/cohort_report``;
-    ``secondary_captures``: the ones written for it, None if none were asked for."""
+    ``secondary_captures``: the ones written for it, None if none were asked for. The maps of
+    ``RUN_DIR/explain/<task>`` get a section where the run has them."""
     from pipeline.data.store import image_loader
     from pipeline.report.study import class_names_for, parse_simplify_name, read_manifest, read_predictions
+    from pipeline.run_folder import RunFolder
 
     run_dir = Path(run_dir)
     sim_dir = run_dir / "simplify" / simplify_name
@@ -320,6 +363,7 @@ def write_run_cohort_report(
         run_dir_hint=str(run_dir),
         run_metrics=json.loads(metrics_path.read_text()) if metrics_path.is_file() else None,
         secondary_captures=secondary_capture_note(secondary_captures, manifest, run_dir),
+        maps=cohort_maps(RunFolder(run_dir).explain(task)),
     )
 
 

@@ -1,4 +1,6 @@
-"""Per-study report: a PNG panel (original | simplified | difference) and a JSON record.
+"""Per-study report: a PNG panel (original | simplified | difference) and a JSON record; where
+``simplebits explain`` made saliency maps for the study, a second panel (original | simplified | one
+overlay per method) and each overlay on its own for the review page.
 
 Panels are composed with numpy + PIL rather than one matplotlib figure per study: that is two orders
 of magnitude faster, so a cohort of hundreds of studies is rendered in seconds. Small working images
@@ -13,7 +15,7 @@ import io
 import json
 import math
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -23,6 +25,15 @@ import pandas as pd
 from PIL import Image, ImageDraw, ImageFont
 
 from pipeline.errors import PathNotFoundError, UserError
+from pipeline.report.maps import (
+    EXPLAIN_PANEL_NAME,
+    StudyMaps,
+    map_file_name,
+    maps_loader,
+    method_key,
+    method_title,
+    no_maps,
+)
 from pipeline.runtime.atomic import atomic_write_bytes, atomic_write_text
 from pipeline.runtime.progress import progress
 
@@ -77,6 +88,7 @@ class StudyReport:
     bpd_simpl: float
     dims: int
     attributes: dict[str, Any] = field(default_factory=dict)
+    maps: tuple[str, ...] = ()  # methods of simplebits explain shown in explain.png, in tile order
 
     @property
     def bits_saved(self) -> float:
@@ -203,26 +215,20 @@ def caption_lines(report: StudyReport) -> list[str]:
     ]
 
 
-def render_panel(original: np.ndarray, simplified: np.ndarray, report: StudyReport, tile: int = 256) -> Image.Image:
-    """Original | simplified | difference overlay, titles above and the caption below."""
-    if original.shape != simplified.shape or original.ndim != 2:
-        raise ValueError(
-            f"study {report.study_id}: original {original.shape} and simplified {simplified.shape} "
-            "must be equal H x W arrays"
-        )
-    overlay, limit = difference_overlay(original, simplified)
-    tiles = [
-        _enlarge(Image.fromarray(original, "L").convert("RGB"), tile),
-        _enlarge(Image.fromarray(simplified, "L").convert("RGB"), tile),
-        _enlarge(Image.fromarray(overlay, "RGB"), tile),
-    ]
-    titles = ["Original", "Simplified", "Change (simplified - original)"]
+def _tile(image: np.ndarray, tile: int) -> Image.Image:
+    """A grey (H, W) or colour (H, W, 3) uint8 image, enlarged to fit ``tile``."""
+    return _enlarge(Image.fromarray(image, "L" if image.ndim == 2 else "RGB").convert("RGB"), tile)
+
+
+def _compose(tiles: list[Image.Image], titles: list[str], keys: Mapping[int, tuple[Image.Image | None, str]],
+             lines: list[str]) -> Image.Image:
+    """Tiles in a row with their titles above, an optional colour key under tile ``i`` (``keys[i]``:
+    a colour bar or None, and its text) and the caption lines below."""
     gap, margin, title_h, bar_h = 8, 10, 26, 30
-    lines = caption_lines(report)
     line_h = _CAPTION_FONT_SIZE + 7
     tile_w = max(t.size[0] for t in tiles)
     tile_h = max(t.size[1] for t in tiles)
-    width = 2 * margin + 3 * tile_w + 2 * gap
+    width = 2 * margin + len(tiles) * tile_w + (len(tiles) - 1) * gap
     height = margin + title_h + tile_h + bar_h + len(lines) * line_h + margin
     canvas = Image.new("RGB", (width, height), (255, 255, 255))
     draw = ImageDraw.Draw(canvas)
@@ -230,17 +236,62 @@ def render_panel(original: np.ndarray, simplified: np.ndarray, report: StudyRepo
         x = margin + i * (tile_w + gap)
         draw.text((x, margin + 4), title, fill=(20, 20, 20), font=_font(_TITLE_FONT_SIZE))
         canvas.paste(image, (x + (tile_w - image.size[0]) // 2, margin + title_h))
-    # Colour key under the difference tile: which colour means brighter/darker, and by how much.
-    x0, y0 = margin + 2 * (tile_w + gap), margin + title_h + tile_h + 6
-    bar_w = tile_w // 2
-    canvas.paste(_colorbar(bar_w, 10), (x0, y0))
-    key = f"-{limit:.0f}  darker | brighter  +{limit:.0f} grey levels"
-    draw.text((x0, y0 + 12), key, fill=(60, 60, 60), font=_font(11))
+    for i, (bar, text) in keys.items():
+        x0, y0 = margin + i * (tile_w + gap), margin + title_h + tile_h + 6
+        if bar is not None:
+            canvas.paste(bar, (x0, y0))
+        draw.text((x0, y0 + (12 if bar is not None else 0)), text, fill=(60, 60, 60), font=_font(11))
     y = margin + title_h + tile_h + bar_h
     for line in lines:
         draw.text((margin, y), line, fill=(20, 20, 20), font=_font(_CAPTION_FONT_SIZE))
         y += line_h
     return canvas
+
+
+def _check_pair(original: np.ndarray, simplified: np.ndarray, report: StudyReport) -> None:
+    if original.shape != simplified.shape or original.ndim != 2:
+        raise ValueError(
+            f"study {report.study_id}: original {original.shape} and simplified {simplified.shape} "
+            "must be equal H x W arrays"
+        )
+
+
+def render_panel(original: np.ndarray, simplified: np.ndarray, report: StudyReport, tile: int = 256) -> Image.Image:
+    """Original | simplified | difference overlay, titles above and the caption below."""
+    _check_pair(original, simplified, report)
+    overlay, limit = difference_overlay(original, simplified)
+    tiles = [_tile(original, tile), _tile(simplified, tile), _tile(overlay, tile)]
+    titles = ["Original", "Simplified", "Change (simplified - original)"]
+    # Colour key under the difference tile: which colour means brighter/darker, and by how much.
+    key = (_colorbar(max(t.size[0] for t in tiles) // 2, 10),
+           f"-{limit:.0f}  darker | brighter  +{limit:.0f} grey levels")
+    return _compose(tiles, titles, {2: key}, caption_lines(report))
+
+
+def explain_caption_lines(report: StudyReport) -> list[str]:
+    """The text under the maps' panel: which study, and what the maps explain."""
+    return [
+        f"Study {report.study_id}   |   truth: {report.label_name}   |   "
+        f"P({report.positive_name}) original {report.p_orig:.2f}  ->  simplified {report.p_simpl:.2f}",
+        f"Saliency maps (simplebits explain) of the {report.task} classifier's log-odds of "
+        f"{report.positive_name}, on the original image; each map scaled to its own largest value",
+    ]
+
+
+def render_explain_panel(original: np.ndarray, simplified: np.ndarray, maps: Mapping[str, np.ndarray],
+                         report: StudyReport, tile: int = 256) -> Image.Image:
+    """Original | simplified | one overlay per method (``maps``, in that order), all at the same
+    scale, so that a reader can hold what the simplifier kept against what each map points at."""
+    from pipeline.explain.overlay import overlay_rgb
+
+    _check_pair(original, simplified, report)
+    if not maps:
+        raise ValueError(f"study {report.study_id}: no maps to show")
+    tiles = [_tile(original, tile), _tile(simplified, tile),
+             *(_tile(overlay_rgb(original, attribution), tile) for attribution in maps.values())]
+    titles = ["Original", "Simplified", *(method_title(m) for m in maps)]
+    keys = {2 + i: (None, method_key(m, report.positive_name)) for i, m in enumerate(maps)}
+    return _compose(tiles, titles, keys, explain_caption_lines(report))
 
 
 def _png_bytes(image: Image.Image) -> bytes:
@@ -259,12 +310,18 @@ def write_study_report(
     report: StudyReport,
     tile: int = 256,
     overwrite: bool = False,
+    maps: Mapping[str, np.ndarray] | None = None,
 ) -> Path:
-    """``studies/<study_id>/{panel.png, original.png, simplified.png, report.json}``, each atomic.
+    """``studies/<study_id>/{panel.png, original.png, simplified.png, report.json}``, each atomic;
+    with ``maps`` (method -> saliency map, in tile order) also ``explain.png`` and one
+    ``map-<method>.png`` overlay each (at working resolution, for the review page).
 
-    An existing folder whose ``report.json`` already says the same is left alone (resumable);
-    ``report.json`` is written last so that its presence means the folder is complete.
+    An existing folder whose ``report.json`` already says the same (the maps' methods included) is
+    left alone (resumable); ``report.json`` is written last so that its presence means the folder is
+    complete.
     """
+    maps = dict(maps or {})
+    report = replace(report, maps=tuple(maps))
     out = Path(studies_dir) / report.study_id
     record = json.dumps(report.to_dict(), indent=2, sort_keys=True)
     existing = out / REPORT_NAME
@@ -273,8 +330,29 @@ def write_study_report(
     atomic_write_bytes(out / ORIGINAL_NAME, _png_bytes(Image.fromarray(original, "L")))
     atomic_write_bytes(out / SIMPLIFIED_NAME, _png_bytes(Image.fromarray(simplified, "L")))
     atomic_write_bytes(out / PANEL_NAME, _png_bytes(render_panel(original, simplified, report, tile)))
+    write_study_maps(out, original, simplified, maps, report, tile)
     atomic_write_text(existing, record)
     return out
+
+
+def write_study_maps(out: Path, original: np.ndarray, simplified: np.ndarray, maps: Mapping[str, np.ndarray],
+                     report: StudyReport, tile: int = 256) -> None:
+    """The maps' panel and overlays of one study folder; those of methods no longer among ``maps``
+    are removed, so that the folder never shows a map its ``report.json`` does not list."""
+    from pipeline.explain.overlay import overlay_rgb
+
+    keep = {map_file_name(m) for m in maps}
+    for stale in out.glob(map_file_name("*")):  # map-*.png: every method's overlay
+        if stale.name not in keep:
+            stale.unlink()
+    if not maps:
+        (out / EXPLAIN_PANEL_NAME).unlink(missing_ok=True)
+        return
+    for method, attribution in maps.items():
+        atomic_write_bytes(out / map_file_name(method),
+                           _png_bytes(Image.fromarray(overlay_rgb(original, attribution), "RGB")))
+    atomic_write_bytes(out / EXPLAIN_PANEL_NAME,
+                       _png_bytes(render_explain_panel(original, simplified, maps, report, tile)))
 
 
 def write_study_reports(
@@ -287,12 +365,14 @@ def write_study_reports(
     class_names: Mapping[str, tuple[str, str]] | None = None,
     tile: int = 256,
     overwrite: bool = False,
+    load_maps: StudyMaps = no_maps,
 ) -> list[Path]:
     """Reports for every row of a study table; returns the study folders.
 
     ``table`` has ``study_id, label, p_orig, p_simpl, bpd_orig, bpd_simpl`` (``label`` may be missing
     per row) and optionally the columns in :data:`RECORD_ATTRIBUTES`, as
-    :func:`pipeline.report.cohort.build_study_table` returns it.
+    :func:`pipeline.report.cohort.build_study_table` returns it. ``load_maps``: the study's saliency
+    maps (:func:`pipeline.report.maps.maps_loader`), shown where there are any.
     """
     missing = {"study_id", "label", "p_orig", "p_simpl", "bpd_orig", "bpd_simpl"} - set(table.columns)
     if missing:
@@ -302,7 +382,8 @@ def write_study_reports(
         original = load_original(row["study_id"])
         simplified = load_simplified(row["study_id"])
         report = make_study_report(row, original.size, task, setting, class_names)
-        written.append(write_study_report(studies_dir, original, simplified, report, tile, overwrite))
+        maps = load_maps(row["study_id"], original.shape)
+        written.append(write_study_report(studies_dir, original, simplified, report, tile, overwrite, maps))
     return written
 
 
@@ -338,9 +419,11 @@ def write_run_study_reports(
     tile: int = 256,
     overwrite: bool = False,
 ) -> list[Path]:
-    """Reports for one simplification run of a run folder, into ``RUN_DIR/studies``."""
+    """Reports for one simplification run of a run folder, into ``RUN_DIR/studies``, with the maps of
+    ``RUN_DIR/explain/<task>`` (``simplebits explain --run``) where it has them."""
     from pipeline.data.store import image_loader
     from pipeline.report.cohort import build_study_table
+    from pipeline.run_folder import RunFolder
 
     run_dir = Path(run_dir)
     sim_dir = run_dir / "simplify" / simplify_name
@@ -359,4 +442,5 @@ def write_run_study_reports(
         class_names=class_names,
         tile=tile,
         overwrite=overwrite,
+        load_maps=maps_loader(RunFolder(run_dir).explain(task)),
     )

@@ -3,6 +3,8 @@
 Resumable steps (ingest status, per-rank inference parts) record each finished study as it
 completes, so an interrupted run loses at most the row in flight; a line torn by the kill is
 closed off on reopening so the next row starts cleanly.
+
+Text that people open in a spreadsheet goes through ``neutralise_cell`` first (CSV/formula injection).
 """
 
 from __future__ import annotations
@@ -10,6 +12,21 @@ from __future__ import annotations
 import csv
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+
+
+#: A spreadsheet treats a cell starting with one of these as a formula (OWASP "CSV Injection").
+FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")
+
+
+def neutralise_cell(value: object) -> object:
+    """``value`` with a leading single quote if it is text a spreadsheet would run as a formula.
+
+    Only text is changed: numbers (``-0.5``) are written by us and stay numbers. The quote makes
+    Excel/LibreOffice/Sheets show the cell as literal text; applying it twice changes nothing more.
+    """
+    if isinstance(value, str) and value.startswith(FORMULA_PREFIXES):
+        return "'" + value
+    return value
 
 
 class AppendOnlyCsv:

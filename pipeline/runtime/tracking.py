@@ -10,9 +10,12 @@ in ``mlartifacts/`` beside the database file, so a run folder is self-contained 
 Stages launched by the pipeline orchestrator (possibly in other processes, e.g. under torchrun)
 nest their runs under its parent run through ``SIMPLEBITS_MLFLOW_PARENT_RUN_ID``.
 
-Beyond params/metrics/tags: model files (safetensors + json, no pickle) under ``models/<name>/``,
-pandas tables as MLflow dataset inputs, and per-study report folders under ``studies/<study_id>/``.
-Values shaped like a DICOM person name (``FAMILY^GIVEN``) are refused as params or tags.
+Beyond params/metrics/tags: trained networks as MLflow Models (``LoggedModel``s of the pytorch
+flavour with an input example, a signature and the run's final metrics linked; optionally registered
+in the Model Registry, see :meth:`Tracker.log_model` and :mod:`pipeline.runtime.mlflow_model`),
+per-study results as MLflow tables, pandas tables as MLflow dataset inputs, and per-study report
+folders under ``studies/<study_id>/``. Values shaped like a DICOM person name (``FAMILY^GIVEN``) are
+refused as params, tags, model names and table cells; identifying columns are refused in tables.
 
 Resumable runs: ``Tracker.run(..., resume_file=out_dir / "mlflow_run.json")`` records the run id in
 the stage's output folder. A command re-run after a kill (even ``kill -9``, which leaves the run
@@ -55,6 +58,10 @@ STUDIES_ARTIFACT_DIR = "studies"
 RESUMED_COUNT_TAG = "resumed_count"
 RESUMED_FROM_STATUS_TAG = "resumed_from_status"
 _RUN_ID = re.compile(r"[A-Za-z0-9_-]{1,256}")
+_MODEL_NAME_FORBIDDEN = re.compile(r"[/:.%\"']")  # characters MLflow refuses in a LoggedModel's name
+#: Columns that identify a patient or point at their files: never in a table logged to MLflow.
+IDENTIFYING_COLUMNS = frozenset({"patient_id", "patient_name", "image_path", "path", "accession_number",
+                                 "birth_date", "source_path", "study_instance_uid", "sop_instance_uid"})
 
 
 RUN_ID_NAME = "mlflow_run.json"  # in a stage's output folder: its run, reopened when a killed run resumes
@@ -66,6 +73,10 @@ class TrackingConfig(StrictModel):
     enabled: bool = True
     uri: str | None = None  # None: MLFLOW_TRACKING_URI, else sqlite:///<output folder>/mlflow.db
     experiment: str = DEFAULT_EXPERIMENT
+    # register the trained network(s) in the Model Registry under this name (None: logged, not registered;
+    # ``--register NAME`` of the training commands). ``simplebits run`` registers each stage's network as
+    # <register_as>-<stage>-<task>. (Not ``register``: that would shadow the ABC method of pydantic models.)
+    register_as: str | None = None
 
 
 class IdentifierLeakError(ValueError):
@@ -118,6 +129,8 @@ def _disable_telemetry() -> None:
     """MLflow phones home by default; a clinical pipeline must not (and this network is closed)."""
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     os.environ.setdefault("DO_NOT_TRACK", "true")
+    # nor draw download progress bars into the logs of batch jobs (model logging reads artifacts back)
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
 def _read_resume_file(path: Path) -> str | None:
@@ -385,6 +398,45 @@ class Tracker:
             self.client.log_artifact(self.run_id, str(path), artifact_path)
         return artifact_path
 
+    def log_model(self, kind: str, weights: str | Path, name: str, register: str | None = None,
+                  tags: Mapping[str, str] | None = None) -> Any:
+        """The network in ``weights`` (+ side-car ``.json``) as the MLflow Model ``name`` of the open run.
+
+        ``kind``: classifier, simplifier or prior (:mod:`pipeline.runtime.mlflow_model`). The model is a
+        ``LoggedModel`` of the pytorch flavour with a synthetic input example and its signature; MLflow
+        links it to the run's params and to the metrics the run logged at step 0 (the final ones: log
+        them first). ``register``: also a new version of that registered model. Returns MLflow's
+        ``ModelInfo`` (None when disabled).
+        """
+        from pipeline.runtime.mlflow_model import LoggedNetwork, example_and_signature, package_files
+
+        files = package_files(weights)  # a missing file fails alike with and without tracking
+        if not (self.enabled and self.run_id):
+            return None
+        tags = {"kind": kind, **(tags or {})}
+        refuse_person_names({"name": name, "register": register or "", **tags})
+        name = _MODEL_NAME_FORBIDDEN.sub("_", name)  # e.g. the run name's "lam-0.5"
+        import mlflow.pytorch
+
+        network = LoggedNetwork(kind, weights)
+        example, signature = example_and_signature(network.network, files[0])
+        with fluent_store(self.uri, self.experiment_id), _quiet_pickle_warning():
+            info = mlflow.pytorch.log_model(
+                network, name=name, run_id=self.run_id, input_example=example, signature=signature,
+                extra_files=[str(f) for f in files], pip_requirements=_model_requirements(),
+                serialization_format="pickle", registered_model_name=register, tags=tags, model_type=kind)
+        log.info("logged %s %r as MLflow model %s%s", kind, name, info.model_uri,
+                 f", registered as {register!r} version {info.registered_model_version}" if register else "")
+        return info
+
+    def log_table(self, table: pd.DataFrame, artifact_file: str) -> None:
+        """Per-study results as an MLflow table (``artifact_file``, ``.json``) the UI shows and
+        ``mlflow.load_table`` reads. Identifying columns and person-name-shaped cells are refused."""
+        if not (self.enabled and self.run_id):
+            return
+        refuse_identifying_columns(table, artifact_file)
+        self.client.log_table(self.run_id, table, artifact_file)
+
     def download_model_files(self, name: str, dst: str | Path, run_id: str | None = None) -> Path:
         """Fetch ``models/<name>/`` of ``run_id`` (default: the open run) into ``dst``; returns the folder."""
         run_id = run_id or self.run_id
@@ -431,6 +483,75 @@ class Tracker:
         for folder in folders:
             self.client.log_artifacts(self.run_id, str(folder), f"{STUDIES_ARTIFACT_DIR}/{folder.name}")
         return len(folders)
+
+
+def refuse_identifying_columns(table: pd.DataFrame, name: str) -> None:
+    """Raise :class:`IdentifierLeakError` for a table with an identifying column or a person-name cell."""
+    found = sorted(IDENTIFYING_COLUMNS & {str(c).lower() for c in table.columns})
+    if found:
+        raise IdentifierLeakError(f"refusing to log table {name!r}: identifying column(s) {found}")
+    for column in table.columns:
+        if table[column].dtype.kind not in "biufcmM" and table[column].astype(str).str.contains(_PERSON_NAME).any():
+            raise IdentifierLeakError(f"refusing to log table {name!r}: column {column!r} holds a value "
+                                      "that looks like a DICOM person name")
+
+
+def without_identifying_columns(table: pd.DataFrame) -> pd.DataFrame:
+    """``table`` less the columns of :data:`IDENTIFYING_COLUMNS` (e.g. a study table's ``patient_id``
+    pseudonym, which links a patient's studies): what a per-study MLflow table may hold."""
+    return table.drop(columns=[c for c in table.columns if str(c).lower() in IDENTIFYING_COLUMNS])
+
+
+@contextlib.contextmanager
+def fluent_store(uri: str, experiment_id: str | None = None) -> Iterator[None]:
+    """Point MLflow's fluent API at ``uri`` for the block: model logging and ``models:/`` downloads read
+    the global tracking (and so registry) URI whatever client they are given, and with no active run a
+    LoggedModel goes to the default experiment unless ``MLFLOW_EXPERIMENT_ID`` names ours. Everything is
+    restored after, including ``MLFLOW_TRACKING_URI``, which MLflow's own ``_use_tracking_uri`` unsets on
+    exit (the pipeline's stages read it)."""
+    import mlflow
+    from mlflow.tracking._tracking_service import utils
+
+    names = ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_ID")
+    saved_env, saved_uri = {name: os.environ.get(name) for name in names}, utils._tracking_uri
+    mlflow.set_tracking_uri(uri)
+    if experiment_id is not None:
+        os.environ["MLFLOW_EXPERIMENT_ID"] = experiment_id
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(saved_uri)
+        for name, value in saved_env.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def _model_requirements() -> list[str]:
+    """What a logged model needs to load: this package (its loaders rebuild the network) and its torch.
+    Given explicitly, so that MLflow does not load the model in a subprocess to guess them."""
+    from importlib.metadata import version
+
+    import torch
+
+    return [f"simplebits-cxr=={version('simplebits-cxr')}", f"torch=={torch.__version__.split('+')[0]}"]
+
+
+@contextlib.contextmanager
+def _quiet_pickle_warning() -> Iterator[None]:
+    """Mute MLflow's generic warning about pickled models while ours is logged: our pickle holds only
+    the package's weights files and a reference to its loader (pipeline/runtime/mlflow_model.py)."""
+    logger = logging.getLogger("mlflow.pytorch")
+
+    def not_the_pickle_warning(record: logging.LogRecord) -> bool:
+        return "Pickle or CloudPickle" not in record.getMessage()
+
+    logger.addFilter(not_the_pickle_warning)
+    try:
+        yield
+    finally:
+        logger.removeFilter(not_the_pickle_warning)
 
 
 def null_tracker() -> Tracker:

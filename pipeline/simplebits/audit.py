@@ -730,8 +730,9 @@ def audit_command(
     if context.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         save_resolved_config(config, out_dir)
+    name = f"simplify-audit-{task}"
     with tracker.run(
-        f"simplify-audit-{task}",
+        name,
         params=config.model_dump(mode="json"),
         tags={"task": task, "setting": "audit"},
         resume_file=out_dir / RUN_ID_NAME,
@@ -750,10 +751,12 @@ def audit_command(
             tracker.log_metrics(
                 {f"final_{k}": v for k, v in summary.items() if isinstance(v, float) and math.isfinite(v)}
             )
-            for name in ("simplifier.safetensors", "simplifier.json", "metrics.json", "predictions.csv",
-                         "baselines.csv"):
-                if (out_dir / name).is_file():
-                    tracker.log_artifact(out_dir / name)
+            tracker.log_model("simplifier", out_dir / "simplifier.safetensors", name=name,
+                              register=config.tracking.register_as, tags={"task": task, "setting": "audit"})
+            tracker.log_table(pd.read_csv(out_dir / "predictions.csv", dtype={"study_id": str}), "predictions.json")
+            for file in ("metrics.json", "predictions.csv", "baselines.csv"):
+                if (out_dir / file).is_file():
+                    tracker.log_artifact(out_dir / file)
     return summary
 
 

@@ -724,16 +724,24 @@ def run_one_lambda(cohorts: dict[str, Cohort], prior: nn.Module, config: JointCo
     if is_main_process():
         run_dir.mkdir(parents=True, exist_ok=True)
         save_resolved_config(config, run_dir)
-    with tracker.run(f"simplify-joint-{task}-{lambda_folder_name(lam)}",
-                     params=config.model_dump(mode="json"), tags={"task": task, "setting": "joint"},
+    name = f"simplify-joint-{task}-{lambda_folder_name(lam)}"
+    with tracker.run(name, params=config.model_dump(mode="json"), tags={"task": task, "setting": "joint"},
                      resume_file=run_dir / RUN_ID_NAME):
         result = train_joint(cohorts["train"], cohorts["val"], prior, config, tracker,
                              checkpoint_path=run_dir / CHECKPOINT_NAME)
         summary = save_joint_outputs(result, cohorts, prior, run_dir, config, mask_dir, independent)
         tracker.log_metrics({f"final_{k}": v for k, v in summary.items()
                              if isinstance(v, float) and math.isfinite(v)})
-        for name in ("simplifier.safetensors", "simplifier.json", "classifier.safetensors",
-                     "metrics.json", "predictions.csv", "baselines.csv"):
-            if (run_dir / name).is_file():
-                tracker.log_artifact(run_dir / name)
+        if is_main_process():
+            # the simplifier and the classifier trained with it; a sweep registers one version per lambda
+            register = config.tracking.register_as
+            tags = {"task": task, "setting": "joint", "lam": f"{lam:g}"}
+            tracker.log_model("simplifier", run_dir / "simplifier.safetensors", name=name, register=register,
+                              tags=tags)
+            tracker.log_model("classifier", run_dir / "classifier.safetensors", name=f"{name}-classifier",
+                              register=register and f"{register}-classifier", tags=tags)
+            tracker.log_table(pd.read_csv(run_dir / "predictions.csv", dtype={"study_id": str}), "predictions.json")
+        for file in ("metrics.json", "predictions.csv", "baselines.csv"):
+            if (run_dir / file).is_file():
+                tracker.log_artifact(run_dir / file)
     return summary

@@ -266,11 +266,12 @@ def fitting_batch_size(batch_size: int, n: int, world: int) -> int:
 
 
 def train_classifier_run(ingest_dir: str | Path, out_dir: str | Path, config: ClassifyConfig,
-                         force: bool = False) -> dict[str, float]:
+                         force: bool = False, name: str | None = None) -> dict[str, float]:
     """``simplebits classify train``: cohort from the ingest cache -> trained model and predictions.
 
     Skips the work when ``metrics.json`` already exists (unless ``force``); resumes from the
-    checkpoint of an interrupted run.
+    checkpoint of an interrupted run. ``name``: of the MLflow run and of its logged model, saying what
+    ran (default ``classify-<task>``; the pipeline's check classifier is ``independent-check-<task>``).
     """
     task = check_task(config.task)
     out_dir = Path(out_dir)
@@ -285,7 +286,8 @@ def train_classifier_run(ingest_dir: str | Path, out_dir: str | Path, config: Cl
     if context.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         save_resolved_config(config, out_dir)
-    with tracker.run(f"classify-{task}", params=config.model_dump(mode="json"), tags={"task": task},
+    name = name or f"classify-{task}"
+    with tracker.run(name, params=config.model_dump(mode="json"), tags={"task": task},
                      resume_file=out_dir / RUN_ID_NAME):
         result = fit_classifier(
             cohorts["train"].images, cohorts["train"].labels(task),
@@ -302,8 +304,9 @@ def train_classifier_run(ingest_dir: str | Path, out_dir: str | Path, config: Cl
             atomic_write_text(out_dir / "predictions.csv", predictions.to_csv(index=False))
             tracker.log_metrics({f"final_{k}": v for k, v in result.metrics.items()})
             atomic_write_text(metrics_path, json.dumps({**metrics, "history": result.history}, indent=2))
-            tracker.log_artifact(out_dir / "model.safetensors")
-            tracker.log_artifact(out_dir / "model.json")
+            tracker.log_model("classifier", out_dir / "model.safetensors", name=name,
+                              register=config.tracking.register_as, tags={"task": task})
+            tracker.log_table(predictions, "predictions.json")
             tracker.log_artifact(metrics_path)
     return {**result.metrics, "task": task}
 

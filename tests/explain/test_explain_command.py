@@ -93,3 +93,14 @@ def test_other_settings_in_the_same_folder_are_refused(inputs, tmp_path, capsys)
 def test_an_unknown_method_is_a_user_error(inputs, tmp_path, capsys):
     assert explain(inputs, tmp_path / "x", "--methods", "ig,saliency") == 2
     assert "saliency" in capsys.readouterr().err
+
+
+def test_run_folder_without_a_task_is_one_line(tmp_path, capsys):
+    assert main(["explain", "--run", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "give --task" in err
+
+
+def test_without_run_the_paths_are_required(tmp_path, capsys):
+    assert main(["explain", "--classifier", "c.safetensors", "--out", str(tmp_path)]) == 2
+    assert "--ingest" in capsys.readouterr().err

@@ -7,10 +7,12 @@ exist in this test tree, and ``import conftest`` would pick whichever pytest loa
 from __future__ import annotations
 
 import contextlib
+import http.client
 import json
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import numpy as np
 import pandas as pd
@@ -95,6 +97,22 @@ def reported_run(run_folder: Path) -> Path:
     return run_folder
 
 
+def request(base: str, method: str, path: str, body: object = None, host: str | None = None) -> tuple[int, bytes]:
+    """A raw HTTP request (http.client sends the path exactly as given, unlike browsers)."""
+    netloc = urlsplit(base).netloc
+    conn = http.client.HTTPConnection(netloc, timeout=10)
+    headers = {"Host": host or netloc}
+    data = None
+    if body is not None:
+        data = json.dumps(body).encode()
+        headers["Content-Type"] = "application/json"
+    conn.request(method, path, body=data, headers=headers)
+    response = conn.getresponse()
+    status, payload = response.status, response.read()
+    conn.close()
+    return status, payload
+
+
 @contextlib.contextmanager
 def running_review_server(run_dir: Path, port: int = 0) -> Iterator[str]:
     """The review server in a background thread; yields its base URL, shuts down afterwards."""
@@ -109,3 +127,33 @@ def running_review_server(run_dir: Path, port: int = 0) -> Iterator[str]:
         server.shutdown()
         server.server_close()
         thread.join(timeout=10)
+
+
+EXPLAIN_METHODS = ("ig", "gradcam")
+
+
+def add_explain_maps(root: Path, methods: tuple[str, ...] = EXPLAIN_METHODS, limit: int = 3) -> list[str]:
+    """Saliency maps of the first ``limit`` test studies, as ``simplebits explain --run`` writes them into
+    ``explain/effusion/`` (an untrained tiny classifier saved where the run keeps its classifier);
+    returns the study ids that have maps."""
+    from pipeline.cli import main
+    from pipeline.explain.run import read_map_rows
+    from pipeline.models.classifiers import create_classifier, save_classifier
+    from pipeline.run_folder import RunFolder
+
+    folder = RunFolder(root)
+    save_classifier(create_classifier("nf_cnn", widths=[8, 16, 32]), folder.classifier_weights("effusion"),
+                    task="effusion")
+    assert main(["explain", "--run", str(root), "--task", "effusion", "--split", "test", "--limit", str(limit),
+                 "--methods", ",".join(methods), "--set", "ig.steps=4", "--device", "cpu"]) == 0
+    return sorted({row["study_id"] for row in read_map_rows(folder.explain("effusion"))})
+
+
+@pytest.fixture
+def explained_run(run_folder: Path) -> Path:
+    """The synthetic run folder with maps of a few test studies and its per-study reports written."""
+    from pipeline.report.study import write_run_study_reports
+
+    add_explain_maps(run_folder)
+    write_run_study_reports(run_folder, SIMPLIFY_NAME)
+    return run_folder

@@ -87,8 +87,10 @@ def test_no_identifier_in_any_output(tmp_path, caplog, capsys, monkeypatch):
     assert main(["report", str(run), "--dicom"]) == 0
     with running_review_server(run) as base:
         sid = json.loads(request(base, "GET", "/api/studies")[1])["studies"][0]["study_id"]
-        assert request(base, "PUT", f"/api/ratings/{sid}", {"keeps_finding": "yes", "signs": ["meniscus"]})[0] == 200
-        api = [request(base, "GET", path)[1] for path in ("/api/studies", "/api/ratings", f"/api/ratings/{sid}")]
+        rating = {"reader": "Dr A", "keeps_finding": "yes", "signs": ["meniscus"]}
+        assert request(base, "PUT", f"/api/ratings/{sid}", rating)[0] == 200
+        api = [request(base, "GET", path)[1]
+               for path in ("/api/studies?reader=Dr%20A", "/api/ratings", f"/api/ratings/{sid}?reader=Dr%20A")]
     assert main(["review", str(run), "--export", str(run / "review" / "ratings.csv")]) == 0
     assert main(["review", str(run), "--log-mlflow"]) == 0
 

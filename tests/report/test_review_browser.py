@@ -51,6 +51,12 @@ def viewer_brightness(page, selector: str) -> float:
     return float(np.asarray(Image.open(io.BytesIO(page.locator(selector).screenshot())).convert("L")).mean())
 
 
+def set_reader(page, name: str) -> None:
+    """Type the reader's name and leave the field (its change event saves it and reloads the ratings)."""
+    page.fill("#reader", name)
+    page.click("#study-id")  # blur: keys go to the page again, not into the field
+
+
 def test_rate_two_studies_restart_and_see_them(browser, reported_run):
     from playwright.sync_api import expect
 
@@ -61,6 +67,13 @@ def test_rate_two_studies_restart_and_see_them(browser, reported_run):
         expect(page.locator("#position")).to_have_text(f"1 / {len(studies)}")
         expect(page.locator("#wl")).to_contain_text("window 255")  # images loaded and drawn
         assert viewer_brightness(page, "#view-orig") > 20 and viewer_brightness(page, "#view-simpl") > 20
+        expect(page.locator("#status")).to_contain_text("enter your name")  # asked for once, before rating
+        page.keyboard.press("2")  # nothing is saved without a name: the page asks for it
+        expect(page.locator("#status")).to_have_text("enter your name as Reader first")
+        expect(page.locator("#reader")).to_be_focused()
+        expect(page.locator("#progress")).to_have_text(f"0 of {len(studies)} rated")
+        set_reader(page, "Dr A")
+        expect(page.locator("#status")).to_have_text("not yet rated")
         page.keyboard.press("2")  # "partly", saved at once
         expect(page.locator("#status")).to_contain_text("saved ")
         page.keyboard.press("ArrowRight")
@@ -81,8 +94,17 @@ def test_rate_two_studies_restart_and_see_them(browser, reported_run):
         page.close()
 
     with running_review_server(reported_run) as base:  # restarted: state comes only from SQLite
-        page = open_page(browser, base)
+        page = open_page(browser, base)  # a fresh browser profile: no reader yet
+        expect(page.locator("#progress")).to_have_text(f"0 of {len(studies)} rated")
+        set_reader(page, "Dr B")  # another reader sees none of Dr A's ratings
+        expect(page.locator("#status")).to_have_text("not yet rated")
+        expect(page.locator("#progress")).to_have_text(f"0 of {len(studies)} rated")
+        set_reader(page, "Dr A")
         expect(page.locator("#progress")).to_have_text(f"2 of {len(studies)} rated")
+        page.reload()  # the name is kept in the browser: not asked again
+        expect(page.locator("#progress")).to_have_text(f"2 of {len(studies)} rated")
+        assert page.input_value("#reader") == "Dr A"
+        page.click("#study-id")
         assert page.is_checked("input[value=partly]")
         page.keyboard.press("j")
         expect(page.locator("#study-id")).to_have_text(studies[1])
@@ -133,3 +155,39 @@ def test_cohort_report_renders(browser, reported_run):
     page.wait_for_function("document.querySelector('#gallery img').naturalWidth > 0")  # file://: no CSP
     page.screenshot(path=str(SCREENSHOT_DIR / "simplebits_cohort_report.png"), full_page=True)
     page.close()
+
+
+def test_study_view_shows_its_maps_beside_the_simplified_image(browser, explained_run):
+    import io
+
+    import numpy as np
+    from PIL import Image
+    from playwright.sync_api import expect
+    from synthetic_run import EXPLAIN_METHODS
+
+    from pipeline.explain.run import read_map_rows
+    from pipeline.run_folder import RunFolder
+
+    studies = sorted(p.name for p in (explained_run / "studies").iterdir())
+    with_maps = {row["study_id"] for row in read_map_rows(RunFolder(explained_run).explain("effusion"))}
+    first = next(i for i, sid in enumerate(studies) if sid in with_maps)
+    without = next(i for i, sid in enumerate(studies) if sid not in with_maps)
+    with running_review_server(explained_run) as base:
+        page = open_page(browser, base)
+        for _ in range(first):
+            page.keyboard.press("ArrowRight")
+        expect(page.locator("#study-id")).to_have_text(studies[first])
+        thumbnails = page.locator("#maps img")
+        expect(thumbnails).to_have_count(len(EXPLAIN_METHODS))
+        expect(page.locator("#maps figcaption")).to_have_text(["Integrated Gradients", "Grad-CAM"])
+        expect(page.locator("#maps")).to_be_visible()
+        for k in range(len(EXPLAIN_METHODS)):  # loaded and drawn: a colour overlay, not a broken-image icon
+            shot = np.asarray(Image.open(io.BytesIO(thumbnails.nth(k).screenshot())).convert("RGB")).astype(float)
+            assert shot.shape[0] >= 140 and shot.std() > 5
+        page.screenshot(path=str(SCREENSHOT_DIR / "simplebits_review_maps.png"))
+        for _ in range(abs(without - first)):
+            page.keyboard.press("ArrowRight" if without > first else "ArrowLeft")
+        expect(page.locator("#study-id")).to_have_text(studies[without])
+        expect(page.locator("#maps")).to_be_hidden()
+        expect(page.locator("#maps img")).to_have_count(0)
+        page.close()

@@ -1,37 +1,26 @@
-"""Review server: whitelisted routes only, traversal refused, ratings durable across restarts."""
+"""Review server: whitelisted routes only, traversal refused, ratings durable across restarts and per reader,
+writes same-origin JSON only, stalled requests timed out, exports safe to open in a spreadsheet."""
 
 from __future__ import annotations
 
+import csv
 import http.client
 import json
 import os
+import socket
+import threading
+import time
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import pandas as pd
 import pytest
-from synthetic_run import running_review_server
+from synthetic_run import request, running_review_server
 from mlflow import MlflowClient
 
 from pipeline.cli import main
-from pipeline.report.review.server import STUDY_ATTRIBUTES, STUDY_FIELDS
-from pipeline.report.review.store import RatingsStore
-
-
-def request(base: str, method: str, path: str, body: object = None, host: str | None = None) -> tuple[int, bytes]:
-    """A raw HTTP request (http.client sends the path exactly as given, unlike browsers)."""
-    netloc = urlsplit(base).netloc
-    conn = http.client.HTTPConnection(netloc, timeout=10)
-    headers = {"Host": host or netloc}
-    data = None
-    if body is not None:
-        data = json.dumps(body).encode()
-        headers["Content-Type"] = "application/json"
-    conn.request(method, path, body=data, headers=headers)
-    response = conn.getresponse()
-    status, payload = response.status, response.read()
-    conn.close()
-    return status, payload
+from pipeline.report.review.server import STUDY_ATTRIBUTES, STUDY_FIELDS, ReviewHandler
+from pipeline.report.review.store import RatingsStore, parse_rating
 
 
 def study_ids(run_dir: Path) -> list[str]:
@@ -47,7 +36,8 @@ def test_page_and_study_list(reported_run):
         studies = json.loads(body)["studies"]
     assert [s["study_id"] for s in studies] == study_ids(reported_run)
     for study in studies:
-        assert set(study) == {*STUDY_FIELDS, "attributes", "rating"}
+        assert set(study) == {*STUDY_FIELDS, "attributes", "rating", "maps"}
+        assert study["maps"] == []  # no simplebits explain in this run
         assert set(study["attributes"]) <= set(STUDY_ATTRIBUTES)
     assert b"image_path" not in body and b"/data/p" not in body
 
@@ -106,25 +96,163 @@ def test_paths_outside_the_whitelist_are_refused(reported_run, tmp_path):
 
 def test_ratings_persist_across_restart(reported_run):
     first, second = study_ids(reported_run)[:2]
+    dr_a = {"reader": "Dr A"}
     with running_review_server(reported_run) as base:
         status, body = request(base, "PUT", f"/api/ratings/{first}",
-                               {"keeps_finding": "partly", "signs": ["meniscus", "blunted_costophrenic_angle"],
+                               {**dr_a, "keeps_finding": "partly", "signs": ["meniscus", "blunted_costophrenic_angle"],
                                 "comment": "fluid line softer"})
         assert status == 200, body
-        assert request(base, "PUT", f"/api/ratings/{second}", {"keeps_finding": "no"})[0] == 200
-        assert request(base, "PUT", f"/api/ratings/{second}", {"keeps_finding": "yes"})[0] == 200  # latest wins
-        assert request(base, "PUT", f"/api/ratings/{first}", {"keeps_finding": "maybe"})[0] == 400
-        assert request(base, "PUT", f"/api/ratings/{first}", {"keeps_finding": "yes", "signs": ["x"]})[0] == 400
-        assert request(base, "PUT", "/api/ratings/std-unknown", {"keeps_finding": "yes"})[0] == 404
+        assert request(base, "PUT", f"/api/ratings/{second}", {**dr_a, "keeps_finding": "no"})[0] == 200
+        assert request(base, "PUT", f"/api/ratings/{second}", {**dr_a, "keeps_finding": "yes"})[0] == 200
+        assert request(base, "PUT", f"/api/ratings/{second}", {"reader": "Dr B", "keeps_finding": "no"})[0] == 200
+        assert request(base, "PUT", f"/api/ratings/{first}", {**dr_a, "keeps_finding": "maybe"})[0] == 400
+        assert request(base, "PUT", f"/api/ratings/{first}", {**dr_a, "keeps_finding": "yes", "signs": ["x"]})[0] == 400
+        assert request(base, "PUT", f"/api/ratings/{first}", {"keeps_finding": "yes"})[0] == 400  # no reader
+        assert request(base, "PUT", f"/api/ratings/{first}", {"reader": " ", "keeps_finding": "yes"})[0] == 400
+        assert request(base, "PUT", "/api/ratings/std-unknown", {**dr_a, "keeps_finding": "yes"})[0] == 404
     with running_review_server(reported_run) as base:  # a fresh server process state, same run folder
-        status, body = request(base, "GET", f"/api/ratings/{first}")
+        status, body = request(base, "GET", f"/api/ratings/{first}?reader=Dr%20A")
         rating = json.loads(body)
         assert status == 200
         assert rating["keeps_finding"] == "partly" and rating["comment"] == "fluid line softer"
-        assert rating["signs"] == ["blunted_costophrenic_angle", "meniscus"]
-        studies = {s["study_id"]: s for s in json.loads(request(base, "GET", "/api/studies")[1])["studies"]}
-    assert studies[second]["rating"]["keeps_finding"] == "yes"
+        assert rating["signs"] == ["blunted_costophrenic_angle", "meniscus"] and rating["reader"] == "Dr A"
+        assert request(base, "GET", f"/api/ratings/{first}")[0] == 400  # whose rating? a reader is required
+        assert request(base, "GET", f"/api/ratings/{first}?reader=Dr%20B")[0] == 404
+        studies = {s["study_id"]: s for s in json.loads(request(base, "GET", "/api/studies?reader=Dr%20A")[1])["studies"]}
+        of_b = {s["study_id"]: s for s in json.loads(request(base, "GET", "/api/studies?reader=Dr%20B")[1])["studies"]}
+    assert studies[second]["rating"]["keeps_finding"] == "yes"  # Dr A's latest, not Dr B's later "no"
+    assert of_b[second]["rating"]["keeps_finding"] == "no" and of_b[first]["rating"] is None
     assert sum(s["rating"] is not None for s in studies.values()) == 2
+    history = RatingsStore.for_run(reported_run).history()
+    assert [(r.study_id, r.reader, r.keeps_finding) for r in history] == [
+        (first, "Dr A", "partly"), (second, "Dr A", "no"), (second, "Dr A", "yes"), (second, "Dr B", "no")]
+
+
+def test_concurrent_readers_lose_no_rating(reported_run):
+    """20 readers x 25 ratings on the same few studies, all at once: every submission is kept."""
+    studies = study_ids(reported_run)[:5]
+    readers, per_reader = 20, 25
+    errors: list[object] = []
+    start = threading.Barrier(readers)
+
+    def rate(reader: int, base: str) -> None:
+        start.wait()
+        for k in range(per_reader):
+            sid = studies[(reader + k) % len(studies)]
+            body = {"reader": f"reader-{reader:02d}", "keeps_finding": "yes", "comment": f"r{reader} k{k}"}
+            status, answer = request(base, "PUT", f"/api/ratings/{sid}", body)
+            if status != 200:
+                errors.append((status, answer))
+
+    with running_review_server(reported_run) as base:
+        threads = [threading.Thread(target=rate, args=(r, base)) for r in range(readers)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=300)
+        assert errors == []
+        current = json.loads(request(base, "GET", "/api/ratings")[1])["ratings"]
+    store = RatingsStore.for_run(reported_run)
+    history = store.history()
+    assert len(history) == readers * per_reader
+    assert {r.comment for r in history} == {f"r{r} k{k}" for r in range(readers) for k in range(per_reader)}
+    # Each reader's current rating of a study is their last submission for it.
+    assert len(current) == readers * len(studies)
+    for reader in range(readers):
+        for sid in studies:
+            last = max(k for k in range(per_reader) if studies[(reader + k) % len(studies)] == sid)
+            assert store.get(sid, f"reader-{reader:02d}").comment == f"r{reader} k{last}"
+
+
+def raw_request(base: str, method: str, path: str, body: bytes, headers: dict[str, str]) -> tuple[int, bytes]:
+    netloc = urlsplit(base).netloc
+    conn = http.client.HTTPConnection(netloc, timeout=10)
+    conn.request(method, path, body=body, headers={"Host": netloc, **headers})
+    response = conn.getresponse()
+    status, payload = response.status, response.read()
+    conn.close()
+    return status, payload
+
+
+def test_only_same_origin_json_writes_are_accepted(reported_run):
+    sid = study_ids(reported_run)[0]
+    body = json.dumps({"reader": "Dr A", "keeps_finding": "no"}).encode()
+    evil = "http://attacker.example"
+    with running_review_server(reported_run) as base:
+        own = base  # "http://127.0.0.1:<port>", the page's own origin
+        refused = [
+            ("POST", {"Content-Type": "text/plain", "Origin": evil}),  # a cross-site "simple" request: no preflight
+            ("POST", {"Content-Type": "text/plain"}),
+            ("PUT", {"Content-Type": "application/x-www-form-urlencoded", "Origin": own}),
+            ("PUT", {"Content-Type": "application/json", "Origin": evil}),
+            ("PUT", {"Content-Type": "application/json", "Origin": "http://127.0.0.1:1"}),  # another local port
+            ("PUT", {"Content-Type": "application/json", "Origin": "null"}),  # sandboxed frame / file://
+            ("PUT", {"Content-Type": "application/json", "Sec-Fetch-Site": "cross-site"}),
+            ("PUT", {"Content-Type": "application/json", "Origin": own, "Sec-Fetch-Site": "same-site"}),
+        ]
+        for method, headers in refused:
+            status, answer = raw_request(base, method, f"/api/ratings/{sid}", body, headers)
+            assert status == 403, (headers, answer)
+        assert RatingsStore.for_run(reported_run).history() == []
+        # What the page sends (fetch from its own origin) and what a script sends (no Origin) still work.
+        page = {"Content-Type": "application/json; charset=utf-8", "Origin": own, "Sec-Fetch-Site": "same-origin"}
+        assert raw_request(base, "PUT", f"/api/ratings/{sid}", body, page)[0] == 200
+        assert raw_request(base, "POST", f"/api/ratings/{sid}", body, {"Content-Type": "application/json"})[0] == 200
+    assert len(RatingsStore.for_run(reported_run).history()) == 2
+
+
+def test_a_short_body_times_out_and_others_are_served(reported_run, monkeypatch):
+    monkeypatch.setattr(ReviewHandler, "timeout", 1)
+    sid = study_ids(reported_run)[0]
+    with running_review_server(reported_run) as base:
+        netloc = urlsplit(base).netloc
+        stalled = socket.create_connection((urlsplit(base).hostname, urlsplit(base).port), timeout=15)
+        stalled.sendall(f"PUT /api/ratings/{sid} HTTP/1.1\r\nHost: {netloc}\r\nContent-Type: application/json\r\n"
+                        "Content-Length: 5000\r\n\r\n{\"reader\": ".encode())
+        began = time.monotonic()
+        assert request(base, "GET", "/api/studies")[0] == 200  # served while the other request waits
+        answer = b""
+        while chunk := stalled.recv(4096):  # the server answers 408 and closes; a stuck thread never would
+            answer += chunk
+        stalled.close()
+        assert time.monotonic() - began < 10
+        assert answer.startswith(b"HTTP/1.0 408") or answer.startswith(b"HTTP/1.1 408"), answer[:80]
+        # A stalled header block is dropped too, and an oversized body is refused without reading it.
+        slow = socket.create_connection((urlsplit(base).hostname, urlsplit(base).port), timeout=15)
+        slow.sendall(b"GET /api/stud")
+        assert slow.recv(4096) == b""  # closed after the timeout
+        slow.close()
+        big = raw_request(base, "PUT", f"/api/ratings/{sid}", b"{}", {"Content-Type": "application/json",
+                                                                     "Content-Length": str(10**9)})
+        assert big[0] == 400
+        assert request(base, "PUT", f"/api/ratings/{sid}", {"reader": "Dr A", "keeps_finding": "yes"})[0] == 200
+
+
+def test_exported_cells_cannot_run_as_formulas(reported_run, tmp_path):
+    """Ratings CSV and ingest status.csv: text starting with = + - @ tab or CR gets a leading quote."""
+    from pipeline.data.ingest import StatusWriter, StudyResult, read_status
+
+    sid = study_ids(reported_run)[0]
+    store = RatingsStore.for_run(reported_run)
+    store.save(parse_rating(sid, {"reader": "=cmd|' /C calc'!A0", "keeps_finding": "no",
+                                  "comment": "=HYPERLINK(\"http://x\")"}))
+    store.save(parse_rating(sid, {"reader": "@SUM(1)", "keeps_finding": "yes", "comment": "-2+3"}))
+    store.save(parse_rating(sid, {"reader": "Dr A", "keeps_finding": "yes", "comment": "fine, = later"}))
+    for history in (False, True):
+        with open(store.export_csv(tmp_path / f"ratings-{history}.csv", history=history), newline="") as fh:
+            rows = list(csv.DictReader(fh))
+        cells = {(row["reader"], row["comment"]) for row in rows}
+        assert cells == {("'=cmd|' /C calc'!A0", "'=HYPERLINK(\"http://x\")"), ("'@SUM(1)", "'-2+3"),
+                         ("Dr A", "fine, = later")}
+    status_path = tmp_path / "status.csv"
+    with StatusWriter(status_path) as writer:
+        writer.write(StudyResult("std-1", "error", "=1+1.dcm: not a DICOM file", 0.5))
+        writer.write(StudyResult("std-2", "error", "\tx.dcm: empty file", 0.25))
+        writer.write(StudyResult("std-3", "ok", "", 0.125))
+    with open(status_path, newline="") as fh:
+        reasons = [row["reason"] for row in csv.DictReader(fh)]
+    assert reasons == ["'=1+1.dcm: not a DICOM file", "'\tx.dcm: empty file", ""]
+    assert read_status(status_path)["seconds"].tolist() == [0.5, 0.25, 0.125]  # numbers stay numbers
 
 
 def test_export_and_mlflow_logging(reported_run, tmp_path, monkeypatch):
@@ -132,19 +260,24 @@ def test_export_and_mlflow_logging(reported_run, tmp_path, monkeypatch):
     sid = study_ids(reported_run)[0]
     store = RatingsStore.for_run(reported_run)
     assert store.path == reported_run / "review" / "ratings.sqlite"
-    from pipeline.report.review.store import parse_rating
-
-    store.save(parse_rating(sid, {"keeps_finding": "no", "signs": ["other"], "comment": "lost, a, comma"}))
+    store.save(parse_rating(sid, {"reader": "Dr A", "keeps_finding": "yes"}))
+    store.save(parse_rating(sid, {"reader": "Dr A", "keeps_finding": "no", "signs": ["other"],
+                                  "comment": "lost, a, comma"}))
     out = tmp_path / "ratings.csv"
     assert main(["review", str(reported_run), "--export", str(out)]) == 0
     exported = pd.read_csv(out)
-    assert exported.to_dict("records")[0] | {"updated_at": None} == {
-        "study_id": sid, "keeps_finding": "no", "signs": "other", "comment": "lost, a, comma", "updated_at": None}
+    assert [r | {"updated_at": None} for r in exported.to_dict("records")] == [{
+        "study_id": sid, "reader": "Dr A", "keeps_finding": "no", "signs": "other", "comment": "lost, a, comma",
+        "updated_at": None}]
     assert main(["review", str(reported_run), "--log-mlflow"]) == 0
     client = MlflowClient(tracking_uri=f"sqlite:///{reported_run.resolve() / 'mlflow.db'}")
     run = client.search_runs([client.get_experiment_by_name("simplebits").experiment_id])[0]
     assert run.data.metrics["ratings"] == 1 and run.data.metrics["keeps_finding.no"] == 1
-    assert [a.path for a in client.list_artifacts(run.info.run_id, "review")] == ["review/ratings.csv"]
+    assert run.data.metrics["readers"] == 1
+    assert [a.path for a in client.list_artifacts(run.info.run_id, "review")] == [
+        "review/ratings.csv", "review/ratings_history.csv"]
+    history = pd.read_csv(client.download_artifacts(run.info.run_id, "review/ratings_history.csv", str(tmp_path)))
+    assert history["keeps_finding"].tolist() == ["yes", "no"]
 
 
 def test_server_needs_study_reports(tmp_path):

@@ -4,11 +4,19 @@ Standard library only (``ThreadingHTTPServer``): the page is static and the API 
 web framework would add dependencies without adding safety. Safety comes from a whitelist instead:
 
 - routes: ``/``, ``/static/<app file>``, ``/api/studies``, ``/api/ratings[/<study_id>]``,
-  ``/studies/<study_id>/<original|simplified|panel>.png``; everything else is 404;
+  ``/studies/<study_id>/<original|simplified|panel|explain>.png`` and the saliency overlays
+  ``/studies/<study_id>/map-<method>.png`` of the known methods; everything else is 404;
 - any ``..``, backslash, NUL, absolute or doubled path (raw or percent-decoded) is refused with 403;
 - study files are resolved (following symlinks) and must stay inside ``RUN_DIR/studies``;
 - bound to loopback by default, and the ``Host`` header must then name loopback (DNS rebinding);
-- the API returns whitelisted, pseudonymous fields of ``report.json`` only.
+- the API returns whitelisted, pseudonymous fields of ``report.json`` only;
+- writes (``PUT``/``POST``) must be same-origin JSON: ``Content-Type: application/json`` (a cross-site
+  form or ``text/plain`` fetch cannot send that without a CORS preflight, which is never granted), an
+  ``Origin`` naming this server (when sent, as browsers do on every write) and no cross-site
+  ``Sec-Fetch-Site``; anything else is 403 (CSRF);
+- every connection has a socket timeout, so a client that sends less body than its ``Content-Length``
+  (or dribbles its headers) gets 408 and is dropped instead of holding a server thread forever;
+  bodies are capped at ``MAX_BODY``.
 """
 
 from __future__ import annotations
@@ -20,22 +28,36 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote
+from urllib.parse import parse_qs, unquote, urlsplit
 
-from pipeline.report.review.store import KEEPS_FINDING, SIGNS, RatingsStore, parse_rating, valid_study_id
+from pipeline.report.maps import EXPLAIN_PANEL_NAME, METHOD_TITLES, map_file_name, method_title
+from pipeline.report.review.store import (
+    KEEPS_FINDING,
+    SIGNS,
+    RatingsStore,
+    parse_rating,
+    parse_reader,
+    valid_study_id,
+)
 
 log = logging.getLogger(__name__)
 
 STATIC_DIR = Path(__file__).parent / "static"
 STATIC_FILES = {"index.html": "text/html; charset=utf-8", "app.js": "text/javascript; charset=utf-8",
                 "style.css": "text/css; charset=utf-8"}
-STUDY_FILES = ("original.png", "simplified.png", "panel.png")
+#: Saliency overlays by file name (``map-<method>.png``): only methods simplebits explain knows.
+MAP_FILES = {map_file_name(method): method for method in METHOD_TITLES}
+STUDY_FILES = ("original.png", "simplified.png", "panel.png", EXPLAIN_PANEL_NAME, *MAP_FILES)
 #: ``report.json`` fields the API may expose (all pseudonymous or derived numbers).
 STUDY_FIELDS = ("study_id", "task", "setting", "label", "label_name", "positive_name", "p_orig", "p_simpl",
                 "bpd_orig", "bpd_simpl", "bits_saved", "correct_orig", "correct_simpl")
 STUDY_ATTRIBUTES = ("view", "sex", "age_band", "split")
 LOOPBACK_NAMES = {"127.0.0.1", "localhost", "::1", "[::1]"}
 MAX_BODY = 64 * 1024
+REQUEST_TIMEOUT = 10  # seconds a connection may sit idle mid-request
+JSON_TYPE = "application/json"
+#: Fetch-metadata values of a request the page itself made (``none``: typed into the address bar).
+SAME_SITE_FETCH = {"same-origin", "none"}
 _SECURITY_HEADERS = {
     "X-Content-Type-Options": "nosniff",
     "Referrer-Policy": "no-referrer",
@@ -57,9 +79,9 @@ class ReviewApp:
         self.store = RatingsStore.for_run(self.run_dir)
         self.loopback_only = loopback_only
 
-    def studies(self) -> list[dict[str, Any]]:
-        """The study list for the page, with each study's rating (if any)."""
-        ratings = {r.study_id: r.to_dict() for r in self.store.all()}
+    def studies(self, reader: str | None = None) -> list[dict[str, Any]]:
+        """The study list for the page, with the reader's current rating of each (none without a reader)."""
+        ratings = {r.study_id: r.to_dict() for r in self.store.current(reader)} if reader else {}
         out = []
         for report_path in sorted(self.studies_dir.glob("*/report.json")):
             if not valid_study_id(report_path.parent.name):
@@ -74,8 +96,16 @@ class ReviewApp:
             attributes = record.get("attributes") or {}
             item["attributes"] = {k: attributes[k] for k in STUDY_ATTRIBUTES if k in attributes}
             item["rating"] = ratings.get(item["study_id"])
+            item["maps"] = self.study_maps(item["study_id"])
             out.append(item)
         return out
+
+    def study_maps(self, study_id: str) -> list[dict[str, str]]:
+        """The study's saliency overlays that the server would serve, in tile order, as
+        ``{method, title, url}`` (none where simplebits explain made no maps for it)."""
+        return [{"method": method, "title": method_title(method),
+                 "url": f"/studies/{study_id}/{name}"}
+                for name, method in MAP_FILES.items() if self.study_file(study_id, name)]
 
     def study_file(self, study_id: str, name: str) -> Path | None:
         """The file if it is a whitelisted study file that really lies inside ``studies/``."""
@@ -91,6 +121,7 @@ class ReviewHandler(BaseHTTPRequestHandler):
     server_version = "SimpleBitsReview"
     sys_version = ""
     app: ReviewApp  # set on the subclass made by make_server
+    timeout = REQUEST_TIMEOUT  # StreamRequestHandler puts it on the socket: reads cannot block forever
 
     # -- plumbing -----------------------------------------------------------------------------------
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (stdlib signature)
@@ -126,6 +157,66 @@ class ReviewHandler(BaseHTTPRequestHandler):
             return None
         return decoded
 
+    def _query(self, name: str) -> str | None:
+        """One query parameter (the last if repeated), or None."""
+        values = parse_qs(urlsplit(self.path).query).get(name)
+        return values[-1] if values else None
+
+    def _reader(self) -> str | None:
+        """The ``?reader=`` of the request, validated, or None (a 400 has been sent)."""
+        try:
+            return parse_reader(self._query("reader"))
+        except ValueError as err:
+            self._error(HTTPStatus.BAD_REQUEST, str(err))
+            return None
+
+    def _same_origin_json(self) -> bool:
+        """True for a write the page itself could have made; otherwise a 403 has been sent."""
+        content_type = (self.headers.get("Content-Type") or "").split(";", 1)[0].strip().lower()
+        origin = self.headers.get("Origin")
+        fetch_site = (self.headers.get("Sec-Fetch-Site") or "").lower()
+        if content_type != JSON_TYPE:
+            reason = "writes must be application/json"
+        elif origin is not None and not self._own_origin(origin):
+            reason = "cross-origin request refused"
+        elif fetch_site and fetch_site not in SAME_SITE_FETCH:
+            reason = "cross-site request refused"
+        else:
+            return True
+        self._error(HTTPStatus.FORBIDDEN, reason)
+        return False
+
+    def _own_origin(self, origin: str) -> bool:
+        """``Origin`` is this server: the Host the request was sent to, on the port it listens on.
+
+        The Host itself was checked against loopback names in ``_path`` (a DNS-rebinding page has a
+        foreign Host), so "Origin equals Host" leaves only pages served by this server.
+        """
+        port = self.server.server_address[1]
+        parts = urlsplit(origin)
+        return (parts.scheme == "http" and parts.netloc.lower() == (self.headers.get("Host") or "").lower()
+                and (parts.port or 80) == port)
+
+    def _body(self) -> bytes | None:
+        """The request body (at most ``MAX_BODY``), or None (an error has been sent)."""
+        try:
+            length = int(self.headers.get("Content-Length") or 0)
+        except ValueError:
+            length = -1
+        if length <= 0 or length > MAX_BODY:
+            self.close_connection = True  # the unread body must not be parsed as the next request
+            self._error(HTTPStatus.BAD_REQUEST, "body missing or too large")
+            return None
+        try:
+            body = self.rfile.read(length)
+        except TimeoutError:
+            body = b""
+        if len(body) < length:  # the client sent less than it announced and went quiet (or hung up)
+            self.close_connection = True
+            self._error(HTTPStatus.REQUEST_TIMEOUT, "body shorter than Content-Length")
+            return None
+        return body
+
     # -- routes -------------------------------------------------------------------------------------
     def do_GET(self) -> None:  # noqa: N802 (stdlib name)
         path = self._path()
@@ -137,12 +228,15 @@ class ReviewHandler(BaseHTTPRequestHandler):
         if parts[0] == "static" and len(parts) == 2 and parts[1] in STATIC_FILES:
             self._send(HTTPStatus.OK, (STATIC_DIR / parts[1]).read_bytes(), STATIC_FILES[parts[1]])
         elif parts == ["api", "studies"]:
-            self._json(HTTPStatus.OK, {"studies": self.app.studies(), "keeps_finding": KEEPS_FINDING,
+            reader = self._query("reader")
+            self._json(HTTPStatus.OK, {"studies": self.app.studies(reader), "keeps_finding": KEEPS_FINDING,
                                        "signs": SIGNS})
-        elif parts == ["api", "ratings"]:
-            self._json(HTTPStatus.OK, {"ratings": [r.to_dict() for r in self.app.store.all()]})
+        elif parts == ["api", "ratings"]:  # every reader's current ratings
+            self._json(HTTPStatus.OK, {"ratings": [r.to_dict() for r in self.app.store.current()]})
         elif len(parts) == 3 and parts[:2] == ["api", "ratings"]:
-            rating = self.app.store.get(parts[2]) if valid_study_id(parts[2]) else None
+            if (reader := self._reader()) is None:
+                return
+            rating = self.app.store.get(parts[2], reader) if valid_study_id(parts[2]) else None
             if rating is None:
                 self._error(HTTPStatus.NOT_FOUND, "no rating")
             else:
@@ -156,7 +250,7 @@ class ReviewHandler(BaseHTTPRequestHandler):
 
     def do_PUT(self) -> None:  # noqa: N802 (stdlib name)
         path = self._path()
-        if path is None:
+        if path is None or not self._same_origin_json():
             return
         parts = [p for p in path.split("/") if p]
         if len(parts) != 3 or parts[:2] != ["api", "ratings"]:
@@ -166,12 +260,10 @@ class ReviewHandler(BaseHTTPRequestHandler):
         if not valid_study_id(study_id) or not (self.app.studies_dir / study_id / "report.json").is_file():
             self._error(HTTPStatus.NOT_FOUND, "unknown study")
             return
-        length = int(self.headers.get("Content-Length") or 0)
-        if length <= 0 or length > MAX_BODY:
-            self._error(HTTPStatus.BAD_REQUEST, "body missing or too large")
+        if (body := self._body()) is None:
             return
         try:
-            payload = json.loads(self.rfile.read(length))
+            payload = json.loads(body)
             rating = parse_rating(study_id, payload if isinstance(payload, dict) else {})
         except (json.JSONDecodeError, UnicodeDecodeError, ValueError) as err:
             self._error(HTTPStatus.BAD_REQUEST, str(err))
@@ -181,13 +273,16 @@ class ReviewHandler(BaseHTTPRequestHandler):
     do_POST = do_PUT
 
 
+class ReviewServer(ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 64  # the default 5 drops connections when a few readers save at once
+
+
 def make_server(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8765) -> ThreadingHTTPServer:
     """A ready (not yet serving) server; ``port=0`` picks a free port (see ``server.server_address``)."""
     app = ReviewApp(run_dir, loopback_only=host in LOOPBACK_NAMES)
     handler = type("BoundReviewHandler", (ReviewHandler,), {"app": app})
-    server = ThreadingHTTPServer((host, port), handler)
-    server.daemon_threads = True
-    return server
+    return ReviewServer((host, port), handler)
 
 
 def serve(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8765) -> None:

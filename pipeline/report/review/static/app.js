@@ -1,24 +1,35 @@
 // SimpleBits review page: two synchronised canvases (pan, zoom, window/level), keyboard navigation,
-// filters and a rating form saved to the local server (SQLite) on submit.
+// filters and a rating form saved to the local server (SQLite) on submit, under the reader's name.
 "use strict";
+
+const READER_KEY = "simplebits.reader";  // localStorage: the page asks for the name once per browser
 
 const state = {
   studies: [], shown: [], index: 0,
   view: { zoom: 1, panX: 0, panY: 0 },
   window: { center: 127.5, width: 255 },
   images: { orig: null, simpl: null },   // {w, h, grey: Uint8ClampedArray, canvas: OffscreenCanvas-like}
+  reader: (localStorage.getItem(READER_KEY) || "").trim(),
 };
 const $ = (id) => document.getElementById(id);
 const canvases = { orig: $("view-orig"), simpl: $("view-simpl") };
 
 // ---------------------------------------------------------------------------------------- data
-async function loadStudies() {
-  const response = await fetch("/api/studies", { cache: "no-store" });
+async function loadStudies(keepId = null) {
+  // The ratings shown are this reader's current ones; other readers' never prefill the form.
+  const query = state.reader ? `?reader=${encodeURIComponent(state.reader)}` : "";
+  const response = await fetch("/api/studies" + query, { cache: "no-store" });
   if (!response.ok) throw new Error("could not load the study list");
   state.studies = (await response.json()).studies;
   const named = state.studies.find((s) => s.positive_name);
   if (named) $("filter").querySelector("option[value=positive]").textContent = `truth: ${named.positive_name}`;
-  applyFilter(null);
+  applyFilter(keepId);
+}
+
+function setReader(name) {
+  state.reader = name.trim();
+  if (state.reader) localStorage.setItem(READER_KEY, state.reader); else localStorage.removeItem(READER_KEY);
+  loadStudies(current() && current().study_id).catch((err) => { $("status").textContent = err.message; });
 }
 
 function isMisclassified(s) { return s.correct_orig === false || s.correct_simpl === false; }
@@ -129,7 +140,26 @@ function fillForm(rating) {
   for (const el of form.elements.keeps_finding) el.checked = !!rating && el.value === rating.keeps_finding;
   for (const el of form.elements.signs) el.checked = !!rating && rating.signs.includes(el.value);
   form.elements.comment.value = rating ? rating.comment : "";
-  $("status").textContent = rating ? `saved ${rating.updated_at.replace("T", " ").replace("+00:00", " UTC")}` : "not yet rated";
+  $("status").textContent = rating ? `saved ${rating.updated_at.replace("T", " ").replace("+00:00", " UTC")}`
+    : state.reader ? "not yet rated" : "enter your name as Reader (top) to rate";
+}
+
+function renderMaps(s) {
+  // The study's saliency maps (simplebits explain), a row of thumbnails beside the simplified
+  // image; hidden for a study without maps. URLs come from the server's whitelist (/api/studies).
+  const row = $("maps"), maps = (s && s.maps) || [];
+  row.replaceChildren();
+  row.hidden = maps.length === 0;
+  for (const map of maps) {
+    const figure = document.createElement("figure"), link = document.createElement("a");
+    const img = document.createElement("img"), caption = document.createElement("figcaption");
+    link.href = map.url; link.target = "_blank"; link.rel = "noopener";
+    img.src = map.url; img.alt = `${map.title} map of ${s.study_id}`; img.dataset.method = map.method;
+    caption.textContent = map.title;
+    link.append(img);
+    figure.append(link, caption);
+    row.append(figure);
+  }
 }
 
 function updateProgress() {
@@ -143,13 +173,14 @@ async function showStudy() {
   updateProgress();
   if (!s) {
     $("study-id").textContent = "no studies match this filter";
-    $("facts").replaceChildren(); fillForm(null);
+    $("facts").replaceChildren(); fillForm(null); renderMaps(null);
     state.images = { orig: null, simpl: null }; draw();
     return;
   }
   $("study-id").textContent = s.study_id;
   renderFacts(s);
   fillForm(s.rating);
+  renderMaps(s);
   const base = `/studies/${encodeURIComponent(s.study_id)}/`;
   try {
     const [orig, simpl] = await Promise.all([loadGrey(base + "original.png"), loadGrey(base + "simplified.png")]);
@@ -167,7 +198,9 @@ async function saveRating() {
   const form = $("rating");
   const keeps = form.elements.keeps_finding.value;
   if (!keeps) { $("status").textContent = "choose yes, partly or no first"; return; }
+  if (!state.reader) { $("status").textContent = "enter your name as Reader first"; $("reader").focus(); return; }
   const body = {
+    reader: state.reader,
     keeps_finding: keeps,
     signs: Array.from(form.elements.signs).filter((el) => el.checked).map((el) => el.value),
     comment: form.elements.comment.value,
@@ -243,6 +276,9 @@ function onKey(e) {
 
 window.addEventListener("DOMContentLoaded", () => {
   bindCanvas(canvases.orig); bindCanvas(canvases.simpl);
+  $("reader").value = state.reader;
+  // No autofocus on the name field: arrow keys keep browsing; saving without a name asks for it.
+  $("reader").addEventListener("change", (e) => setReader(e.target.value));
   $("prev").addEventListener("click", () => step(-1));
   $("next").addEventListener("click", () => step(1));
   $("filter").addEventListener("change", () => applyFilter(current() && current().study_id));

@@ -1,0 +1,82 @@
+"""Scoring helpers of the faithfulness benchmark (``benchmarks/faithfulness.py``).
+
+Three things the localisation metrics (:mod:`pipeline.explain.localisation`) do not cover:
+
+- a **map for a simplifier** (SimpleBits, blur at matched bpd), so that it can be scored like a saliency
+  map: :func:`kept_detail_map`;
+- **reliance tracking**: a rank correlation between a method's emphasis on a feature and the
+  classifier's measured reliance on it, across classifiers: :func:`tracking_spearman`;
+- the **model-randomisation sanity check** (Adebayo et al. 2018, MPRT): the rank correlation between
+  the map of the trained classifier and that of the same architecture with re-initialised weights:
+  :func:`map_rank_correlation`.
+
+Why ``kept_detail_map`` is the simplifier's relevance. A saliency map marks where the evidence is;
+a SimpleBits image *keeps* the evidence and flattens the rest (that is its objective: as few bits as
+possible under the prior while the classifier's internal evidence is kept). So the natural map is
+"what the simplified image still holds beyond a locally smooth image": the magnitude of its local
+detail, ``|x̃ − G_σ * x̃|`` (a Gaussian high-pass, σ a few pixels). A region the classifier needs keeps
+its edges and texture (high), a region it does not need is flattened (zero). The difference
+``|x − x̃|`` is the opposite: it marks what was *removed*, i.e. what the classifier did not need, so
+it is not used as relevance. The same definition is applied to blur at matched bpd and to the
+original image (the reference "keep everything"), so the rows differ only in what each kept.
+For the scalar emphasis on a feature the benchmark uses the ground-truth retention of the audit
+(kept local contrast inside the mask, :func:`pipeline.simplebits.evaluate.distractor_retention`),
+and reports the map-based relevance mass accuracy beside it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+from scipy import ndimage, stats
+
+
+def kept_detail_map(image: np.ndarray, sigma: float = 2.0) -> np.ndarray:
+    """``|image − G_sigma * image|``: the local detail an image holds (non-negative, same shape).
+
+    ``image`` is a grey image (any scale; the benchmark passes ``[0, 1]``); ``sigma`` in pixels.
+    A flat image maps to zeros; borders reflect, so a flat image has no edge artefacts.
+    """
+    image = np.asarray(image, dtype=np.float64)
+    if image.ndim != 2:
+        raise ValueError(f"kept_detail_map needs a 2-D image, got shape {image.shape}")
+    return np.abs(image - ndimage.gaussian_filter(image, sigma, mode="reflect"))
+
+
+def map_rank_correlation(a: np.ndarray, b: np.ndarray) -> float:
+    """Spearman rank correlation of two maps over their pixels (NaN if either is constant).
+
+    The MPRT score of one study: 1 = the randomised model's explanation ranks pixels exactly as the
+    trained model's (the method ignores the model), near 0 = unrelated. Ties get average ranks.
+    """
+    a, b = np.asarray(a, dtype=np.float64).ravel(), np.asarray(b, dtype=np.float64).ravel()
+    if a.shape != b.shape:
+        raise ValueError(f"maps differ in size: {a.size} vs {b.size}")
+    if a.size < 2 or np.ptp(a) == 0 or np.ptp(b) == 0:
+        return math.nan
+    return float(stats.spearmanr(a, b).statistic)
+
+
+def tracking_spearman(emphasis: Sequence[float], reliance: Sequence[float]) -> tuple[float, int]:
+    """Spearman correlation between a method's emphasis and the measured reliance, over the points
+    where both are finite; returns ``(rho, n)``. NaN with fewer than 3 points or a constant side
+    (with 2 points a rank correlation is only the sign of one difference; the benchmark still shows
+    ``n`` so such a figure is not read as evidence)."""
+    e, r = np.asarray(emphasis, dtype=np.float64), np.asarray(reliance, dtype=np.float64)
+    if e.shape != r.shape:
+        raise ValueError(f"emphasis ({e.size}) and reliance ({r.size}) differ in length")
+    keep = np.isfinite(e) & np.isfinite(r)
+    e, r = e[keep], r[keep]
+    n = int(keep.sum())
+    if n < 3 or np.ptp(e) == 0 or np.ptp(r) == 0:
+        return math.nan, n
+    return float(stats.spearmanr(e, r).statistic), n
+
+
+def finite_mean(values: Sequence[float]) -> float:
+    """Mean over the finite values (NaN if none)."""
+    v = np.asarray(values, dtype=np.float64)
+    v = v[np.isfinite(v)]
+    return float(v.mean()) if v.size else math.nan

@@ -1,0 +1,69 @@
+"""Scoring helpers of the faithfulness benchmark, each on a case with a known answer."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from pipeline.explain.faithfulness import (
+    finite_mean,
+    kept_detail_map,
+    map_rank_correlation,
+    tracking_spearman,
+)
+from pipeline.explain.localisation import relevance_mass_accuracy
+
+
+def test_kept_detail_of_a_flat_image_is_zero():
+    assert np.allclose(kept_detail_map(np.full((16, 16), 0.4)), 0.0)
+
+
+def test_kept_detail_sits_on_the_detail():
+    image = np.full((32, 32), 0.5)
+    image[10:13, 20] = 1.0  # a thin bright line, like a drain's stripe
+    mask = np.zeros_like(image, dtype=bool)
+    mask[10:13, 20] = True
+    detail = kept_detail_map(image, sigma=2.0)
+    assert detail.shape == image.shape and detail.min() >= 0
+    assert np.unravel_index(detail.argmax(), detail.shape)[1] == 20
+    # most of the map's mass lies on the line or next to it, none far away
+    near = np.zeros_like(mask)
+    near[4:19, 14:27] = True
+    assert relevance_mass_accuracy(detail, near) > 0.95
+    # blurring the image removes detail: the blurred image's map has less mass on the line
+    from scipy import ndimage
+
+    blurred = kept_detail_map(ndimage.gaussian_filter(image, 1.5), sigma=2.0)
+    assert blurred[mask].sum() < detail[mask].sum()
+
+
+def test_map_rank_correlation_known_answers():
+    rng = np.random.default_rng(0)
+    a = rng.random((8, 8))
+    assert map_rank_correlation(a, a) == pytest.approx(1.0)
+    assert map_rank_correlation(a, 2 * a + 3) == pytest.approx(1.0)  # ranks only
+    assert map_rank_correlation(a, -a) == pytest.approx(-1.0)
+    assert math.isnan(map_rank_correlation(a, np.zeros_like(a)))  # a constant map has no ranks
+    with pytest.raises(ValueError):
+        map_rank_correlation(a, a[:4])
+
+
+def test_tracking_spearman_known_answers():
+    reliance = [0.01, 0.05, 0.2, 0.4]
+    assert tracking_spearman([0.1, 0.2, 0.3, 0.9], reliance) == (pytest.approx(1.0), 4)
+    assert tracking_spearman([0.9, 0.3, 0.2, 0.1], reliance) == (pytest.approx(-1.0), 4)
+    # non-finite points are dropped; then only three remain
+    rho, n = tracking_spearman([0.1, math.nan, 0.3, 0.9], reliance)
+    assert n == 3 and rho == pytest.approx(1.0)
+    # two points: a rank correlation would only be the sign of one difference
+    rho, n = tracking_spearman([0.1, 0.2], [0.3, 0.4])
+    assert math.isnan(rho) and n == 2
+    assert math.isnan(tracking_spearman([0.5, 0.5, 0.5], [0.1, 0.2, 0.3])[0])
+
+
+def test_finite_mean():
+    assert finite_mean([1.0, math.nan, 3.0]) == 2.0
+    assert math.isnan(finite_mean([math.nan]))
+    assert math.isnan(finite_mean([]))
