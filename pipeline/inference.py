@@ -49,7 +49,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from pydantic import Field, field_validator
+from pydantic import Field
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
@@ -57,7 +57,7 @@ from pipeline import tasks
 from pipeline.config import RESOLVED_CONFIG_NAME, StrictModel, save_resolved_config
 from pipeline.data.dataset import CohortDataset
 from pipeline.data.ingest import Cohort, load_cohort
-from pipeline.data.manifest import SPLITS
+from pipeline.data.manifest import SplitName
 from pipeline.data.store import CohortStore, StoredImages, is_store
 from pipeline.errors import UserError
 from pipeline.models.bpd import bits_per_dim
@@ -73,7 +73,7 @@ from pipeline.runtime.distributed import (
 )
 from pipeline.runtime.progress import progress
 from pipeline.runtime.tracking import RUN_ID_NAME, Tracker, TrackingConfig
-from pipeline.tasks import check_task_name
+from pipeline.tasks import TaskName
 from pipeline.training.engine import uint8_collate
 
 log = logging.getLogger(__name__)
@@ -108,24 +108,12 @@ class ApplyConfig(StrictModel):
     classifier_adapter: dict[str, Any] = {}  # adapter fields over the side-car's (pipeline/models/adapter.py)
     prior: str | None = None  # None: the shipped prior
     out: str | None = None
-    split: str | None = None  # None: every split of the ingest folder
-    task: str | None = None  # label scored in metrics.json; None: the "task" in the classifier's .json
+    split: SplitName | None = None  # None: every split of the ingest folder
+    task: TaskName | None = None  # label scored in metrics.json; None: the "task" in the classifier's .json
     batch_size: int = Field(64, ge=1)
     num_workers: int = Field(2, ge=0)  # DataLoader processes reading batches from the store ahead of the models
     device: str = "auto"
     tracking: TrackingConfig = TrackingConfig()
-
-    @field_validator("split")
-    @classmethod
-    def _check_split(cls, value: str | None) -> str | None:
-        if value is not None and value not in SPLITS:
-            raise ValueError(f"split must be one of {SPLITS} or null, got {value!r}")
-        return value
-
-    @field_validator("task")
-    @classmethod
-    def _check_task(cls, value: str | None) -> str | None:
-        return None if value is None else check_task_name(value)
 
 
 # --- one batch ----------------------------------------------------------------------------------

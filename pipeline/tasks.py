@@ -39,7 +39,7 @@ from typing import Annotated, Any, Literal
 
 import numpy as np
 import pandas as pd
-from pydantic import BeforeValidator, ValidationError, model_validator
+from pydantic import AfterValidator, BeforeValidator, ValidationError, model_validator
 
 from pipeline.config import StrictModel
 from pipeline.errors import UserError
@@ -296,6 +296,10 @@ def get_task(task: str | TaskSpec, definitions: Mapping[str, TaskSpec] | None = 
 def check_task_name(name: str, definitions: Mapping[str, TaskSpec] | None = None) -> str:
     """``name`` if it is a known task, else UserError (for pydantic validators and argparse ``type``)."""
     return get_task(name, definitions).name if isinstance(name, str) else name
+
+
+#: A config field naming a registered task (checked when the config is validated).
+TaskName = Annotated[str, AfterValidator(check_task_name)]
 
 
 def parse_tasks(text: str | Iterable[str], definitions: Mapping[str, TaskSpec] | None = None,

@@ -47,3 +47,18 @@ def write_square_ingest(root: str | Path, counts: dict[str, int], size: int = 32
         "source": "folder",
     })
     return write_ingest_folder(root, frame, images)
+
+
+#: ``simplebits run`` overrides shared by the end-to-end tests: 32-px working images and a prior
+#: fine-tune of a few steps (the stages run, in seconds; the numbers mean nothing).
+TINY_RUN_BASICS = [
+    "ingest.size=32",
+    "prior.settings.train.max_steps=3",
+    "prior.settings.train.steps_per_epoch=3",
+    "prior.settings.train.val_images=8",
+    "prior.settings.train.val_size=32",
+    "prior.settings.data.sizes=[32]",
+    "prior.settings.data.size_weights=[1.0]",
+    "prior.settings.train.batch_size=4",
+    "classify.train.epochs=1",
+]

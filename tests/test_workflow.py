@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pydicom
 import pytest
+from cohort_fixtures import TINY_RUN_BASICS
 
 from pipeline.config import default_config_path, load_config
 from pipeline.workflow import RunConfig, run_pipeline
@@ -23,15 +24,7 @@ TINY = [
     "cohort.n=48",
     "cohort.size=64",
     "cohort.seed=3",
-    "ingest.size=32",
-    "prior.settings.train.max_steps=3",
-    "prior.settings.train.steps_per_epoch=3",
-    "prior.settings.train.val_images=8",
-    "prior.settings.train.val_size=32",
-    "prior.settings.data.sizes=[32]",
-    "prior.settings.data.size_weights=[1.0]",
-    "prior.settings.train.batch_size=4",
-    "classify.train.epochs=1",
+    *TINY_RUN_BASICS,
     "joint.train.epochs=1",
     "audit.train.epochs=1",
     "audit.independent.train.epochs=1",

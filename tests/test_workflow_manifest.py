@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from cohort_fixtures import TINY_RUN_BASICS
 
 from pipeline.cli import main
 from pipeline.data.demo.dataset_layouts import write_demo_layout
@@ -25,15 +26,7 @@ from pipeline.report.review.server import ReviewApp
 #: and No Finding is the one other finding the demo's ground truth decides there.
 THIRD_TASK = {"chexpert": "support_devices", "mimic-cxr-jpg": "support_devices", "nih": "no_finding"}
 TINY = [
-    "ingest.size=32",
-    "prior.settings.train.max_steps=3",
-    "prior.settings.train.steps_per_epoch=3",
-    "prior.settings.train.val_images=8",
-    "prior.settings.train.val_size=32",
-    "prior.settings.data.sizes=[32]",
-    "prior.settings.data.size_weights=[1.0]",
-    "prior.settings.train.batch_size=4",
-    "classify.train.epochs=1",
+    *TINY_RUN_BASICS,
     "independent.train.epochs=1",
     "joint.train.epochs=1",
     "joint.evaluate.retrain_train.epochs=1",

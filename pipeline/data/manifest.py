@@ -33,9 +33,11 @@ import logging
 import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import Annotated
 
 import numpy as np
 import pandas as pd
+from pydantic import AfterValidator
 
 from pipeline.errors import UserError
 from pipeline.runtime.atomic import atomic_path
@@ -58,6 +60,16 @@ DEFAULT_SPLIT_FRACTIONS: dict[str, float] = {"train": 0.7, "val": 0.15, "test": 
 _STUDY_ID = re.compile(r"^std-[0-9a-f]{8,64}$")
 _PATIENT_ID = re.compile(r"^pat-[0-9a-f]{8,64}$")
 _STRING_COLUMNS = ("study_id", "patient_id", "image_path", "view", "sex", "split", "source")
+
+
+def check_split(value: str) -> str:
+    if value not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {value!r}")
+    return value
+
+
+#: A config field naming a split (checked when the config is validated).
+SplitName = Annotated[str, AfterValidator(check_split)]
 
 
 class ManifestError(UserError):

@@ -36,7 +36,7 @@ from pydantic import Field, field_validator
 from pipeline.config import RESOLVED_CONFIG_NAME, StrictModel, save_resolved_config
 from pipeline.data.dataset import eval_batches
 from pipeline.data.ingest import Cohort, load_cohort
-from pipeline.data.manifest import SPLITS
+from pipeline.data.manifest import SplitName
 from pipeline.errors import UserError
 from pipeline.explain.gradcam import GradCamConfig
 from pipeline.explain.integrated_gradients import IntegratedGradientsConfig
@@ -50,6 +50,7 @@ from pipeline.inference import INPUTS_NAME, check_same_models, classifier_task, 
 from pipeline.runtime.atomic import atomic_write_bytes, atomic_write_npy, atomic_write_text
 from pipeline.runtime.csv_log import AppendOnlyCsv
 from pipeline.runtime.device import pick_device
+from pipeline.tasks import TaskName
 from pipeline.runtime.progress import progress
 
 log = logging.getLogger(__name__)
@@ -73,9 +74,9 @@ class ExplainConfig(StrictModel):
     classifier_adapter: dict[str, Any] = {}  # adapter fields over the side-car's (pipeline/models/adapter.py)
     prior: str | None = None  # None: the shipped prior (latent_shift only)
     out: str | None = None
-    task: str | None = None  # None: the task in the classifier's .json side-car
+    task: TaskName | None = None  # None: the task in the classifier's .json side-car
     methods: list[str] = ["ig", "occlusion", "gradcam", "latent_shift"]
-    split: str | None = None  # None: every split of the ingest folder
+    split: SplitName | None = None  # None: every split of the ingest folder
     limit: int | None = Field(None, ge=1)  # the first N studies of the split, in manifest order
     baseline: BaselineKind = "black"  # IG's reference image and occlusion's fill
     batch_size: int = Field(16, ge=1)
@@ -93,20 +94,6 @@ class ExplainConfig(StrictModel):
         if unknown or not value:
             raise ValueError(f"methods must be a non-empty list of {sorted(METHODS)}, got {value!r}")
         return list(dict.fromkeys(value))
-
-    @field_validator("split")
-    @classmethod
-    def _check_split(cls, value: str | None) -> str | None:
-        if value is not None and value not in SPLITS:
-            raise ValueError(f"split must be one of {SPLITS} or null, got {value!r}")
-        return value
-
-    @field_validator("task")
-    @classmethod
-    def _check_task(cls, value: str | None) -> str | None:
-        from pipeline.tasks import check_task_name
-
-        return None if value is None else check_task_name(value)
 
 
 # --- the output folder ------------------------------------------------------------------------------

@@ -2,20 +2,13 @@
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import pytest
+from browser_helpers import CHROMIUM, CHROMIUM_ARGS, SCREENSHOT_DIR, needs_chromium
 from synthetic_run import running_review_server
-
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run"]
-SCREENSHOT_DIR = Path(os.environ.get("SIMPLEBITS_SCREENSHOT_DIR", "/tmp"))
 
 pytestmark = [
     pytest.mark.browser,
-    pytest.mark.skipif(not CHROMIUM.exists(), reason="Debian chromium not installed (make browser)"),
+    needs_chromium,
 ]
 
 

@@ -3,23 +3,16 @@ a logged model with its linked metric, as a user of a real ``mlflow server`` see
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import pytest
+from browser_helpers import CHROMIUM, CHROMIUM_ARGS, SCREENSHOT_DIR, needs_chromium
 
 from pipeline.models.classifiers import create_classifier, save_classifier
 from pipeline.runtime.tracking import Tracker
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run"]
-SCREENSHOT_DIR = Path(os.environ.get("SIMPLEBITS_SCREENSHOT_DIR", "/tmp"))
-
 pytestmark = [
     pytest.mark.browser,
     pytest.mark.slow,
-    pytest.mark.skipif(not CHROMIUM.exists(), reason="Debian chromium not installed (make browser)"),
+    needs_chromium,
 ]
 
 
