@@ -4,7 +4,8 @@ overlay per method) and each overlay on its own for the review page.
 
 Panels are composed with numpy + PIL rather than one matplotlib figure per study: that is two orders
 of magnitude faster, so a cohort of hundreds of studies is rendered in seconds. Small working images
-(e.g. 64x64) are enlarged with nearest-neighbour so that the reader sees the pixels the classifier saw.
+(e.g. 64x64) are enlarged: the original with nearest-neighbour, so that the reader sees the pixels the
+classifier saw, the simplified image and the change smoothly (bicubic), as the review page shows them.
 
 Everything written here is keyed by the pseudonymous study id and carries no identifying field.
 """
@@ -180,12 +181,14 @@ def difference_overlay(original: np.ndarray, simplified: np.ndarray) -> tuple[np
     return np.clip(grey * (1 - alpha) + colour * alpha, 0, 255).astype(np.uint8), limit
 
 
-def _enlarge(image: Image.Image, tile: int) -> Image.Image:
-    """Fit into ``tile x tile``: integer nearest-neighbour upscaling keeps pixels honest."""
+def _enlarge(image: Image.Image, tile: int, smooth: bool = False) -> Image.Image:
+    """Fit into ``tile x tile``: integer upscaling, nearest-neighbour (pixels kept honest) or, with
+    ``smooth``, bicubic (a simplified image is a smooth signal, not blocks, and reads as one)."""
     width, height = image.size
     if max(width, height) <= tile:
         factor = max(1, tile // max(width, height))
-        return image.resize((width * factor, height * factor), Image.Resampling.NEAREST)
+        resample = Image.Resampling.BICUBIC if smooth else Image.Resampling.NEAREST
+        return image.resize((width * factor, height * factor), resample)
     scale = tile / max(width, height)
     return image.resize((max(1, round(width * scale)), max(1, round(height * scale))), Image.Resampling.LANCZOS)
 
@@ -215,9 +218,9 @@ def caption_lines(report: StudyReport) -> list[str]:
     ]
 
 
-def _tile(image: np.ndarray, tile: int) -> Image.Image:
-    """A grey (H, W) or colour (H, W, 3) uint8 image, enlarged to fit ``tile``."""
-    return _enlarge(Image.fromarray(image, "L" if image.ndim == 2 else "RGB").convert("RGB"), tile)
+def _tile(image: np.ndarray, tile: int, smooth: bool = False) -> Image.Image:
+    """A grey (H, W) or colour (H, W, 3) uint8 image, enlarged to fit ``tile`` (see :func:`_enlarge`)."""
+    return _enlarge(Image.fromarray(image, "L" if image.ndim == 2 else "RGB").convert("RGB"), tile, smooth)
 
 
 def _compose(tiles: list[Image.Image], titles: list[str], keys: Mapping[int, tuple[Image.Image | None, str]],
@@ -260,7 +263,7 @@ def render_panel(original: np.ndarray, simplified: np.ndarray, report: StudyRepo
     """Original | simplified | difference overlay, titles above and the caption below."""
     _check_pair(original, simplified, report)
     overlay, limit = difference_overlay(original, simplified)
-    tiles = [_tile(original, tile), _tile(simplified, tile), _tile(overlay, tile)]
+    tiles = [_tile(original, tile), _tile(simplified, tile, smooth=True), _tile(overlay, tile, smooth=True)]
     titles = ["Original", "Simplified", "Change (simplified - original)"]
     # Colour key under the difference tile: which colour means brighter/darker, and by how much.
     key = (_colorbar(max(t.size[0] for t in tiles) // 2, 10),
@@ -287,7 +290,7 @@ def render_explain_panel(original: np.ndarray, simplified: np.ndarray, maps: Map
     _check_pair(original, simplified, report)
     if not maps:
         raise ValueError(f"study {report.study_id}: no maps to show")
-    tiles = [_tile(original, tile), _tile(simplified, tile),
+    tiles = [_tile(original, tile), _tile(simplified, tile, smooth=True),
              *(_tile(overlay_rgb(original, attribution), tile) for attribution in maps.values())]
     titles = ["Original", "Simplified", *(method_title(m) for m in maps)]
     keys = {2 + i: (None, method_key(m, report.positive_name)) for i, m in enumerate(maps)}

@@ -17,13 +17,16 @@ from urllib.parse import urlsplit
 import numpy as np
 import pandas as pd
 import pytest
-from scipy.ndimage import gaussian_filter
+from dicom_helpers import write_dicom
+from scipy.ndimage import gaussian_filter, zoom
 
 from pipeline.data.ingest import write_ingest_folder
 from pipeline.data.store import write_images
 from pipeline.data.pseudonym import patient_pseudonym, study_pseudonym
 
 SIMPLIFY_NAME = "joint-effusion"
+SOURCE_SIZE = 256  # side of the source DICOMs, 8x the working size: what the review page shows
+SOURCE_WINDOW = (1900.0, 2400.0)  # WindowCenter, WindowWidth of the source DICOMs (12-bit values)
 
 
 def synthetic_radiograph(rng: np.random.Generator, size: int, effusion: bool) -> np.ndarray:
@@ -40,13 +43,27 @@ def synthetic_radiograph(rng: np.random.Generator, size: int, effusion: bool) ->
     return (np.clip(image, 0, 1) * 255).round().astype(np.uint8)
 
 
+def write_source_dicom(path: Path, working: np.ndarray, rng: np.random.Generator) -> Path:
+    """The study's source: a 12-bit ``SOURCE_SIZE`` DX whose working-resolution view is ``working``,
+    with a window that clips (so that a served image shows whether the window was applied) and the
+    identifying attributes :func:`write_dicom` sets (so that a leak would show)."""
+    factor = SOURCE_SIZE / working.shape[0]
+    values = zoom(working.astype(np.float64) * 16.0, factor, order=3) + rng.normal(0, 20, (SOURCE_SIZE,) * 2)
+    pixels = np.clip(np.round(values), 0, 4095).astype(np.uint16)
+    center, width = SOURCE_WINDOW
+    return write_dicom(path, pixels, bits_stored=12, WindowCenter=center, WindowWidth=width)
+
+
 def make_run_folder(root: Path, n_studies: int = 12, size: int = 32, seed: int = 0) -> Path:
     """``root`` gets ingest/{manifest.csv,store/} and simplify/joint-effusion/{predictions.csv,simplified/}.
 
     ``predictions.csv`` has the columns ``simplebits apply`` writes (the task's label column ``effusion``
-    instead of ``label``, plus ``sex`` and ``bits_saved``); the last study is unlabelled.
+    instead of ``label``, plus ``sex`` and ``bits_saved``); the last study is unlabelled. Every study but
+    the last has a source DICOM in ``sources/`` (the manifest's ``image_path``); the last one's source
+    is gone, as after a move of the source archive.
     """
     rng = np.random.default_rng(seed)
+    source_rng = np.random.default_rng([seed, 1])  # its own stream: the other values stay as they were
     sim_dir = root / "simplify" / SIMPLIFY_NAME
     sim_dir.mkdir(parents=True)
     manifest, predictions, originals, simplified_images = [], [], [], []
@@ -58,7 +75,10 @@ def make_run_folder(root: Path, n_studies: int = 12, size: int = 32, seed: int =
         originals.append(original)
         simplified_images.append(simplified)
         split = "test" if i % 3 == 0 else "train"
-        manifest.append({"study_id": sid, "patient_id": pid, "image_path": f"/data/p{i}/s{i}.dcm",
+        source = root / "sources" / f"s{i}.dcm"
+        if i < n_studies - 1:
+            write_source_dicom(source, original, source_rng)
+        manifest.append({"study_id": sid, "patient_id": pid, "image_path": str(source),
                          "view": ["PA", "AP"][i % 2 if i < 6 else (i // 2) % 2], "sex": "FM"[(i // 2) % 2],
                          "age": 25 + 6 * i, "effusion": effusion, "split": split, "source": "demo"})
         p_orig = float(np.clip(0.2 + 0.6 * effusion + rng.normal(0, 0.15), 0.01, 0.99))

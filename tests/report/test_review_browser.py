@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from browser_helpers import CHROMIUM, CHROMIUM_ARGS, SCREENSHOT_DIR, needs_chromium
 from synthetic_run import running_review_server
@@ -183,4 +185,46 @@ def test_study_view_shows_its_maps_beside_the_simplified_image(browser, explaine
         expect(page.locator("#study-id")).to_have_text(studies[without])
         expect(page.locator("#maps")).to_be_hidden()
         expect(page.locator("#maps img")).to_have_count(0)
+        page.close()
+
+
+def test_full_resolution_original_and_difference_overlay(browser, reported_run):
+    import io
+
+    import numpy as np
+    import pandas as pd
+    from PIL import Image
+    from playwright.sync_api import expect
+    from synthetic_run import SOURCE_SIZE
+
+    manifest = pd.read_csv(reported_run / "ingest" / "manifest.csv", dtype={"study_id": str})
+    has_source = dict(zip(manifest["study_id"], manifest["image_path"].map(lambda p: Path(p).is_file())))
+    studies = sorted(p.name for p in (reported_run / "studies").iterdir())
+    first = next(i for i, sid in enumerate(studies) if has_source[sid])
+
+    def simplified_view() -> np.ndarray:
+        shot = page.locator("#view-simpl").screenshot()
+        return np.asarray(Image.open(io.BytesIO(shot)).convert("RGB")).astype(int)
+
+    with running_review_server(reported_run) as base:
+        page = browser.new_page(viewport={"width": 1500, "height": 1000})
+        page.goto(base + "/")
+        for _ in range(first):
+            page.keyboard.press("ArrowRight")
+        expect(page.locator("#study-id")).to_have_text(studies[first])
+        # The original drawn is the source at its native size, not the 32 px working image.
+        expect(page.locator("#view-orig")).to_have_attribute("data-natural", f"{SOURCE_SIZE}x{SOURCE_SIZE}")
+        expect(page.locator("#orig-size")).to_have_text(f"{SOURCE_SIZE} × {SOURCE_SIZE} px")
+        expect(page.locator("#wl")).to_contain_text("window 255 · level 128")  # the DICOM's window
+        plain = simplified_view()
+        greyish = np.abs(plain[..., 0] - plain[..., 2]).mean()
+        page.keyboard.press("d")
+        expect(page.locator("#wl")).to_contain_text("difference shown")
+        coloured = simplified_view()
+        assert np.abs(coloured[..., 0] - coloured[..., 2]).mean() > greyish + 5  # red/blue where it changed
+        page.screenshot(path=str(SCREENSHOT_DIR / "simplebits_review_fullres.png"))
+        page.keyboard.press("d")
+        expect(page.locator("#wl")).not_to_contain_text("difference")
+        page.select_option("#filter", "positive")  # filters still work on the full-resolution page
+        expect(page.locator("#position")).to_contain_text(" / ")
         page.close()

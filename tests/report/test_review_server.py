@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import http.client
+import io
 import json
 import os
 import socket
@@ -13,9 +14,12 @@ import time
 from pathlib import Path
 from urllib.parse import urlsplit
 
+import numpy as np
 import pandas as pd
+import pydicom
 import pytest
-from synthetic_run import request, running_review_server
+from PIL import Image
+from synthetic_run import SOURCE_SIZE, request, running_review_server
 from mlflow import MlflowClient
 
 from pipeline.cli import main
@@ -36,10 +40,10 @@ def test_page_and_study_list(reported_run):
         studies = json.loads(body)["studies"]
     assert [s["study_id"] for s in studies] == study_ids(reported_run)
     for study in studies:
-        assert set(study) == {*STUDY_FIELDS, "attributes", "rating", "maps"}
+        assert set(study) == {*STUDY_FIELDS, "attributes", "rating", "maps", "original_url"}
         assert study["maps"] == []  # no simplebits explain in this run
         assert set(study["attributes"]) <= set(STUDY_ATTRIBUTES)
-    assert b"image_path" not in body and b"/data/p" not in body
+    assert b"image_path" not in body and b"sources" not in body and b".dcm" not in body
 
 
 def test_study_images_served(reported_run):
@@ -69,6 +73,8 @@ def test_paths_outside_the_whitelist_are_refused(reported_run, tmp_path):
         "/static/..%5C..%5Cconfig.py",
         "/studies//etc/passwd",
         "/studies/%2Fetc%2Fpasswd/original.png",
+        "/studies/%2e%2e/original_full.png",
+        f"/studies/{sid}/original_full.png/../../../ingest/manifest.csv",
     ]
     not_found = [
         "/etc/passwd",
@@ -79,6 +85,8 @@ def test_paths_outside_the_whitelist_are_refused(reported_run, tmp_path):
         f"/studies/{sid}/report.json",
         "/studies/std-evil/original.png",
         "/studies/std-linked/original.png",
+        "/studies/std-evil/original_full.png",
+        "/studies/std-linked/original_full.png",
         "/static/server.py",
     ]
     with running_review_server(reported_run) as base:
@@ -92,6 +100,37 @@ def test_paths_outside_the_whitelist_are_refused(reported_run, tmp_path):
             assert secret not in body and b"outside the run folder" not in body
         status, _ = request(base, "GET", "/api/studies", host="attacker.example:80")
         assert status == 403  # DNS rebinding: a loopback server answers loopback names only
+    assert not (outside / "original_full.png").exists()  # nothing written through a symlinked study folder
+
+
+def dicom_window(path: Path) -> np.ndarray:
+    """The source's grey values under its linear WindowCenter/Width (PS3.3 C.11.2.1.2.1), by hand."""
+    ds = pydicom.dcmread(path)
+    x, c, w = ds.pixel_array.astype(np.float64), float(ds.WindowCenter), float(ds.WindowWidth)
+    return np.clip((x - (c - 0.5)) / (w - 1) + 0.5, 0, 1) * 255
+
+
+def test_full_resolution_original_is_the_source_under_its_dicom_window(reported_run):
+    manifest = pd.read_csv(reported_run / "ingest" / "manifest.csv", dtype={"study_id": str})
+    sources = dict(zip(manifest["study_id"], manifest["image_path"].map(Path)))
+    with_source = next(sid for sid in study_ids(reported_run) if sources[sid].is_file())
+    without = next(sid for sid in study_ids(reported_run) if not sources[sid].is_file())
+    with running_review_server(reported_run) as base:
+        listed = {s["study_id"]: s["original_url"] for s in json.loads(request(base, "GET", "/api/studies")[1])["studies"]}
+        status, png = request(base, "GET", listed[with_source])
+        assert request(base, "GET", f"/studies/{without}/original_full.png")[0] == 404
+        assert request(base, "GET", f"/studies/{with_source}/original_full.png")[1] == png  # from the cache
+    assert listed[with_source] == f"/studies/{with_source}/original_full.png"
+    assert listed[without] == f"/studies/{without}/original.png"  # source gone: the working-resolution cache
+    image = Image.open(io.BytesIO(png))
+    assert status == 200 and image.size == (SOURCE_SIZE, SOURCE_SIZE)  # native, not the 32 px working size
+    served, expected = np.asarray(image).astype(np.float64), dicom_window(sources[with_source])
+    assert np.abs(served - expected).max() <= 1.0
+    stored = pydicom.dcmread(sources[with_source]).pixel_array.astype(np.float64)
+    assert np.abs(served - stored / 4095 * 255).mean() > 20  # the window, not the plain 12-bit range
+    assert (reported_run / "studies" / with_source / "original_full.png").read_bytes() == png
+    # Pixels only: no text chunks, none of the identity the source DICOM carries.
+    assert not {k for k in image.info if k not in ("dpi",)} and b"Doe" not in png and b"MRN-0042" not in png
 
 
 def test_ratings_persist_across_restart(reported_run):

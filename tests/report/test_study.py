@@ -70,7 +70,7 @@ def test_difference_overlay_is_signed_and_symmetric():
         difference_overlay(original, simplified[:2])
 
 
-def test_panel_layout_enlarges_small_images_with_nearest_neighbour():
+def test_panel_layout_enlarges_the_original_blockwise_and_the_simplified_smoothly():
     original, simplified = images(16)
     panel = render_panel(original, simplified, make_study_report(ROW, 256, "effusion", "joint"), tile=64)
     assert panel.mode == "RGB" and panel.size[0] == 2 * 10 + 3 * 64 + 2 * 8
@@ -78,6 +78,11 @@ def test_panel_layout_enlarges_small_images_with_nearest_neighbour():
     # The original tile sits at (x=10, y=36) and each source pixel became a 4x4 block.
     tile = pixels[36:36 + 64, 10:10 + 64, 0]
     np.testing.assert_array_equal(tile[::4, ::4], original)
+    # The simplified tile (next one right) is bicubic: 4x4 blocks are not constant where it changes.
+    smooth = pixels[36:36 + 64, 10 + 64 + 8:10 + 2 * 64 + 8, 0].astype(int)
+    blocks = smooth.reshape(16, 4, 16, 4).transpose(0, 2, 1, 3).reshape(16, 16, 16)
+    varies = np.ptp(simplified.astype(int), axis=None) > 0
+    assert varies and (np.ptp(blocks, axis=-1) > 0).mean() > 0.2
     with pytest.raises(ValueError, match="std-00aa11bb22cc"):
         render_panel(original, simplified[:8], make_study_report(ROW, 256, "effusion", "joint"))
 

@@ -4,10 +4,12 @@ Standard library only (``ThreadingHTTPServer``): the page is static and the API 
 web framework would add dependencies without adding safety. Safety comes from a whitelist instead:
 
 - routes: ``/``, ``/static/<app file>``, ``/api/studies``, ``/api/ratings[/<study_id>]``,
-  ``/studies/<study_id>/<original|simplified|panel|explain>.png`` and the saliency overlays
+  ``/studies/<study_id>/<original|original_full|simplified|panel|explain>.png`` and the saliency overlays
   ``/studies/<study_id>/map-<method>.png`` of the known methods; everything else is 404;
 - any ``..``, backslash, NUL, absolute or doubled path (raw or percent-decoded) is refused with 403;
-- study files are resolved (following symlinks) and must stay inside ``RUN_DIR/studies``;
+- study files are resolved (following symlinks) and must stay inside ``RUN_DIR/studies``; the
+  full-resolution original is decoded from the source file the ingest manifest names for the study
+  id (never from a path in the URL), see :mod:`pipeline.report.review.fullres`;
 - bound to loopback by default, and the ``Host`` header must then name loopback (DNS rebinding);
 - the API returns whitelisted, pseudonymous fields of ``report.json`` only;
 - writes (``PUT``/``POST``) must be same-origin JSON: ``Content-Type: application/json`` (a cross-site
@@ -31,6 +33,7 @@ from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from pipeline.report.maps import EXPLAIN_PANEL_NAME, METHOD_TITLES, map_file_name, method_title
+from pipeline.report.review.fullres import FULL_ORIGINAL_NAME, FullOriginals
 from pipeline.report.review.store import (
     KEEPS_FINDING,
     SIGNS,
@@ -47,7 +50,8 @@ STATIC_FILES = {"index.html": "text/html; charset=utf-8", "app.js": "text/javasc
                 "style.css": "text/css; charset=utf-8"}
 #: Saliency overlays by file name (``map-<method>.png``): only methods simplebits explain knows.
 MAP_FILES = {map_file_name(method): method for method in METHOD_TITLES}
-STUDY_FILES = ("original.png", "simplified.png", "panel.png", EXPLAIN_PANEL_NAME, *MAP_FILES)
+STUDY_FILES = ("original.png", FULL_ORIGINAL_NAME, "simplified.png", "panel.png", EXPLAIN_PANEL_NAME,
+               *MAP_FILES)
 #: ``report.json`` fields the API may expose (all pseudonymous or derived numbers).
 STUDY_FIELDS = ("study_id", "task", "setting", "label", "label_name", "positive_name", "p_orig", "p_simpl",
                 "bpd_orig", "bpd_simpl", "bits_saved", "correct_orig", "correct_simpl")
@@ -78,6 +82,7 @@ class ReviewApp:
             raise FileNotFoundError(f"{self.studies_dir}: no per-study reports; run `simplebits report` first")
         self.store = RatingsStore.for_run(self.run_dir)
         self.loopback_only = loopback_only
+        self.full_originals = FullOriginals(self.run_dir, self.studies_dir)
 
     def studies(self, reader: str | None = None) -> list[dict[str, Any]]:
         """The study list for the page, with the reader's current rating of each (none without a reader)."""
@@ -97,6 +102,7 @@ class ReviewApp:
             item["attributes"] = {k: attributes[k] for k in STUDY_ATTRIBUTES if k in attributes}
             item["rating"] = ratings.get(item["study_id"])
             item["maps"] = self.study_maps(item["study_id"])
+            item["original_url"] = self.original_url(item["study_id"])
             out.append(item)
         return out
 
@@ -107,10 +113,25 @@ class ReviewApp:
                  "url": f"/studies/{study_id}/{name}"}
                 for name, method in MAP_FILES.items() if self.study_file(study_id, name)]
 
+    def original_url(self, study_id: str) -> str:
+        """The original the page shows: the source at native resolution where the run can still
+        read it, else the working-resolution cache."""
+        full = self.full_originals.available(study_id)
+        return f"/studies/{study_id}/{FULL_ORIGINAL_NAME if full else 'original.png'}"
+
+    def _is_study(self, study_id: str) -> bool:
+        """A reported study whose folder really lies inside ``studies/`` (nothing is written through a
+        symlinked folder)."""
+        folder = (self.studies_dir / study_id).resolve()
+        return folder.is_relative_to(self.studies_dir) and (folder / "report.json").is_file()
+
     def study_file(self, study_id: str, name: str) -> Path | None:
-        """The file if it is a whitelisted study file that really lies inside ``studies/``."""
+        """The file if it is a whitelisted study file that really lies inside ``studies/``
+        (the full-resolution original is made on first request)."""
         if not valid_study_id(study_id) or name not in STUDY_FILES:
             return None
+        if name == FULL_ORIGINAL_NAME and self._is_study(study_id):
+            self.full_originals.ensure(study_id)
         path = (self.studies_dir / study_id / name).resolve()
         if not path.is_relative_to(self.studies_dir) or not path.is_file():
             return None

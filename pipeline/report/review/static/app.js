@@ -1,5 +1,8 @@
 // SimpleBits review page: two synchronised canvases (pan, zoom, window/level), keyboard navigation,
 // filters and a rating form saved to the local server (SQLite) on submit, under the reader's name.
+// The original is the source radiograph at native resolution (the DICOM's VOI applied by the server:
+// the default window/level is the DICOM's); the simplified image, made at working resolution, is
+// upsampled smoothly onto the same geometry, optionally under a signed-difference overlay (key d).
 "use strict";
 
 const READER_KEY = "simplebits.reader";  // localStorage: the page asks for the name once per browser
@@ -9,6 +12,9 @@ const state = {
   view: { zoom: 1, panX: 0, panY: 0 },
   window: { center: 127.5, width: 255 },
   images: { orig: null, simpl: null },   // {w, h, grey: Uint8ClampedArray, canvas: OffscreenCanvas-like}
+  diff: null,        // canvas at working resolution: simplified - original, blue darker / red brighter
+  showDiff: false,
+  fullRes: false,    // the original shown is larger than the working resolution
   reader: (localStorage.getItem(READER_KEY) || "").trim(),
 };
 const $ = (id) => document.getElementById(id);
@@ -65,7 +71,7 @@ function loadGrey(url) {
 
 // ---------------------------------------------------------------------------------------- drawing
 function applyWindow(image) {
-  // Window/level on the 8-bit grey values, into the image's own small canvas (pixels stay crisp).
+  // Window/level on the 8-bit grey values, into the image's own canvas (at its own resolution).
   const { center, width } = state.window;
   const low = center - width / 2, ctx = image.canvas.getContext("2d");
   const out = ctx.createImageData(image.w, image.h);
@@ -76,7 +82,27 @@ function applyWindow(image) {
   ctx.putImageData(out, 0, 0);
 }
 
+function differenceCanvas(orig, simpl) {
+  // Signed change at working resolution (both images there), as colour whose alpha grows with the
+  // magnitude, scaled to the study's largest change (as the report's panel does).
+  const c = document.createElement("canvas");
+  c.width = simpl.w; c.height = simpl.h;
+  const ctx = c.getContext("2d"), out = ctx.createImageData(simpl.w, simpl.h);
+  let limit = 1;
+  for (let i = 0; i < simpl.grey.length; i++) limit = Math.max(limit, Math.abs(simpl.grey[i] - orig.grey[i]));
+  for (let i = 0; i < simpl.grey.length; i++) {
+    const d = (simpl.grey[i] - orig.grey[i]) / limit;
+    out.data[4 * i] = d > 0 ? 220 : 30; out.data[4 * i + 1] = 40; out.data[4 * i + 2] = d > 0 ? 30 : 220;
+    out.data[4 * i + 3] = Math.round(0.85 * 255 * Math.abs(d));
+  }
+  ctx.putImageData(out, 0, 0);
+  return c;
+}
+
 function draw() {
+  // Both viewers share the original's geometry; the working-resolution (square, centre-padded by
+  // ingest) simplified image covers the square of side max(w, h) centred on it.
+  const base = state.images.orig;
   for (const key of ["orig", "simpl"]) {
     const canvas = canvases[key], image = state.images[key];
     const dpr = window.devicePixelRatio || 1;
@@ -84,14 +110,24 @@ function draw() {
     canvas.height = Math.max(1, Math.round(canvas.clientHeight * dpr));
     const ctx = canvas.getContext("2d");
     ctx.fillStyle = "#000"; ctx.fillRect(0, 0, canvas.width, canvas.height);
-    if (!image) continue;
-    const fit = Math.min(canvas.width / image.w, canvas.height / image.h) * state.view.zoom;
-    const x = canvas.width / 2 - (image.w * fit) / 2 + state.view.panX * dpr;
-    const y = canvas.height / 2 - (image.h * fit) / 2 + state.view.panY * dpr;
-    ctx.imageSmoothingEnabled = false;  // show the pixels the classifier saw
-    ctx.drawImage(image.canvas, x, y, image.w * fit, image.h * fit);
+    if (!image || !base) continue;
+    const fit = Math.min(canvas.width / base.w, canvas.height / base.h) * state.view.zoom;
+    const cx = canvas.width / 2 + state.view.panX * dpr, cy = canvas.height / 2 + state.view.panY * dpr;
+    const w = key === "orig" ? base.w * fit : Math.max(base.w, base.h) * fit, h = key === "orig" ? base.h * fit : w;
+    ctx.imageSmoothingEnabled = true;  // smooth upsampling (and anti-aliased downsampling of a large source)
+    ctx.imageSmoothingQuality = "high";
+    ctx.drawImage(image.canvas, cx - w / 2, cy - h / 2, w, h);
+    if (key === "simpl" && state.showDiff && state.diff) ctx.drawImage(state.diff, cx - w / 2, cy - h / 2, w, h);
   }
-  $("wl").textContent = `window ${Math.round(state.window.width)} · level ${Math.round(state.window.center)} · zoom ${state.view.zoom.toFixed(2)}×`;
+  canvases.orig.dataset.natural = base ? `${base.w}x${base.h}` : "";
+  $("orig-size").textContent = base ? `${base.w} × ${base.h} px${state.fullRes ? "" : " (working resolution)"}` : "";
+  $("wl").textContent = `window ${Math.round(state.window.width)} · level ${Math.round(state.window.center)} · zoom ${state.view.zoom.toFixed(2)}×`
+    + (state.showDiff ? " · difference shown (blue darker, red brighter)" : "");
+}
+
+function toggleDifference() {
+  state.showDiff = !state.showDiff;
+  draw();
 }
 
 function redrawWindowed() {
@@ -174,7 +210,7 @@ async function showStudy() {
   if (!s) {
     $("study-id").textContent = "no studies match this filter";
     $("facts").replaceChildren(); fillForm(null); renderMaps(null);
-    state.images = { orig: null, simpl: null }; draw();
+    state.images = { orig: null, simpl: null }; state.diff = null; draw();
     return;
   }
   $("study-id").textContent = s.study_id;
@@ -183,9 +219,16 @@ async function showStudy() {
   renderMaps(s);
   const base = `/studies/${encodeURIComponent(s.study_id)}/`;
   try {
-    const [orig, simpl] = await Promise.all([loadGrey(base + "original.png"), loadGrey(base + "simplified.png")]);
+    // The original shown (native resolution where the source is readable: s.original_url, from the
+    // server's whitelist) and the working-resolution original that the difference needs.
+    const working = base + "original.png";
+    const [orig, work, simpl] = await Promise.all([
+      loadGrey(s.original_url || working).catch(() => loadGrey(working)),  // a source that failed to decode
+      loadGrey(working), loadGrey(base + "simplified.png")]);
     if (current() !== s) return;  // the reader moved on while loading
     state.images = { orig, simpl };
+    state.fullRes = orig.w !== work.w || orig.h !== work.h;
+    state.diff = work.w === simpl.w && work.h === simpl.h ? differenceCanvas(work, simpl) : null;
     redrawWindowed();
   } catch (err) {
     $("status").textContent = err.message;
@@ -265,6 +308,7 @@ function onKey(e) {
   if (e.key === "ArrowRight" || e.key === "j") step(1);
   else if (e.key === "ArrowLeft" || e.key === "k") step(-1);
   else if (e.key === "r") resetView();
+  else if (e.key === "d") toggleDifference();
   else if (["1", "2", "3"].includes(e.key)) {
     const value = ["yes", "partly", "no"][Number(e.key) - 1];
     for (const el of $("rating").elements.keeps_finding) el.checked = el.value === value;

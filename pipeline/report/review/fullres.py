@@ -1,0 +1,92 @@
+"""The source radiograph of a study at its native resolution, for the review page's original viewer.
+
+The working-resolution cache (e.g. 64 px) is what the classifier saw, not what a radiologist reads.
+So the original is decoded again from the study's source file (``image_path`` of the ingest
+manifest) with the reader and VOI mode ingest used (:func:`pipeline.io.readers.read_radiograph`),
+and cached as an 8-bit grey PNG in ``studies/<study_id>/original_full.png``. The DICOM's VOI (VOI LUT,
+else WindowCenter/Width) is thus already applied: the page's default window/level shows exactly the
+DICOM's default presentation, and the reader's window/level adjusts from there.
+
+The PNG carries pixels only: Pillow writes no text chunks unless given some, so no DICOM identity
+reaches the served file; logs name the pseudonymous study id, never the source path.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import threading
+from pathlib import Path
+
+import numpy as np
+import yaml
+from PIL import Image
+
+from pipeline.config import RESOLVED_CONFIG_NAME
+from pipeline.io.readers import VOI_MODES, RadiographReadError, read_radiograph
+from pipeline.report.study import read_manifest
+from pipeline.runtime.atomic import atomic_write_bytes
+
+log = logging.getLogger(__name__)
+
+FULL_ORIGINAL_NAME = "original_full.png"
+
+
+def source_paths(run_dir: Path) -> dict[str, Path]:
+    """Study id -> source image file, from ``ingest/manifest.csv`` (ingest made the paths absolute)."""
+    manifest = read_manifest(run_dir)
+    if manifest is None or "image_path" not in manifest.columns:
+        return {}
+    rows = manifest[["study_id", "image_path"]].dropna()
+    return {str(sid): Path(str(path)) for sid, path in zip(rows["study_id"], rows["image_path"])}
+
+
+def ingest_voi(run_dir: Path) -> str:
+    """The VOI mode the run's ingest decoded with (its resolved config), else the reader's default."""
+    resolved = run_dir / "ingest" / RESOLVED_CONFIG_NAME
+    try:
+        voi = (yaml.safe_load(resolved.read_text()) or {}).get("voi", "auto")
+    except (OSError, yaml.YAMLError):  # no resolved config (a fixture's folder) or an unreadable one
+        voi = "auto"
+    return voi if voi in VOI_MODES else "auto"
+
+
+def full_original_png(source: Path, voi: str) -> bytes:
+    """The radiograph as displayed after the modality LUT and VOI, rows x columns as stored, as PNG."""
+    image, _meta = read_radiograph(source, voi=voi)  # _meta: safe tags only, and not needed here
+    grey = np.clip(np.round(image * 255.0), 0, 255).astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(grey, "L").save(buffer, format="PNG", compress_level=3)
+    return buffer.getvalue()
+
+
+class FullOriginals:
+    """Makes ``original_full.png`` of a study on first request; later requests read the cached file."""
+
+    def __init__(self, run_dir: Path, studies_dir: Path) -> None:
+        self.studies_dir = studies_dir
+        self.sources = source_paths(run_dir)
+        self.voi = ingest_voi(run_dir)
+        self._lock = threading.Lock()  # one decode at a time: a source may be tens of megabytes
+
+    def available(self, study_id: str) -> bool:
+        """Whether a full-resolution original is (or can be) served for the study."""
+        source = self.sources.get(study_id)
+        cached = (self.studies_dir / study_id / FULL_ORIGINAL_NAME).is_file()
+        return cached or bool(source and source.is_file())
+
+    def ensure(self, study_id: str) -> None:
+        """Write the cached PNG if it is missing and the source can be read (the caller validated
+        ``study_id`` and that its folder lies inside ``studies/``)."""
+        target = self.studies_dir / study_id / FULL_ORIGINAL_NAME
+        source = self.sources.get(study_id)
+        if target.is_file() or source is None or not source.is_file():
+            return
+        with self._lock:
+            if target.is_file():  # another request made it while this one waited
+                return
+            try:
+                atomic_write_bytes(target, full_original_png(source, self.voi))
+            except (RadiographReadError, OSError) as err:
+                reason = err.reason if isinstance(err, RadiographReadError) else type(err).__name__
+                log.warning("study %s: full-resolution original not available (%s)", study_id, reason)
