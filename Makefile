@@ -36,7 +36,7 @@ dicom3tools:
 	@command -v dciodvfy >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq dicom3tools >/dev/null) \
 	  || echo "dicom3tools could not be installed; the dciodvfy test will be skipped"
 
-# Debian's Orthanc and its DICOMweb plugin: the real PACS that the pacs-send tests start on loopback.
+# Debian's Orthanc and its DICOMweb plugin: the real PACS that the `simplebits export --pacs` tests start on loopback.
 orthanc:
 	@dpkg -s orthanc orthanc-dicomweb >/dev/null 2>&1 \
 	  || (apt-get update -qq && apt-get install -y -qq orthanc orthanc-dicomweb >/dev/null) \
