@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 RUN    ?= reports/demo
 
-.PHONY: install demo test browser dicom3tools orthanc clean-demo
+.PHONY: install demo test browser dicom3tools orthanc pacs clean-demo
 
 install: $(STAMP)
 
@@ -41,6 +41,18 @@ orthanc:
 	@dpkg -s orthanc orthanc-dicomweb >/dev/null 2>&1 \
 	  || (apt-get update -qq && apt-get install -y -qq orthanc orthanc-dicomweb >/dev/null) \
 	  || echo "orthanc could not be installed; the PACS tests will be skipped"
+
+# A local PACS to try `simplebits export` on: Orthanc on loopback (HTTP and DICOMweb on 8042, DICOM on 4242),
+# storage under reports/pacs/, left running in the background (stop it with: pkill -x Orthanc).
+pacs: orthanc
+	@mkdir -p reports/pacs
+	@curl -sf http://127.0.0.1:8042/system >/dev/null 2>&1 || \
+	  (nohup Orthanc configs/orthanc.json > reports/pacs/orthanc.log 2>&1 & \
+	   for i in 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20; do \
+	     curl -sf http://127.0.0.1:8042/system >/dev/null 2>&1 && break; sleep 0.5; done)
+	@curl -sf http://127.0.0.1:8042/system >/dev/null 2>&1 \
+	  && echo "Orthanc answers: viewer http://127.0.0.1:8042/app/explorer.html, DICOMweb http://127.0.0.1:8042/dicom-web" \
+	  || (echo "Orthanc did not start; see reports/pacs/orthanc.log"; exit 1)
 
 test: install browser dicom3tools orthanc
 	OMP_NUM_THREADS=2 $(BIN)/python -m pytest -q

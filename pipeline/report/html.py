@@ -378,8 +378,16 @@ def secondary_capture_note(captures: Sequence[Path] | None, manifest: pd.DataFra
         return ("No DICOM Secondary Captures were asked for (simplebits report --dicom writes them where the "
                 "sources are DICOM files).")
     if captures:
-        return (f"{len(captures)} simplified images were written as DICOM Secondary Captures, each as a new "
+        from pipeline.io.dicom_write import ORIGINAL_FILE
+
+        note = (f"{len(captures)} simplified images were written as DICOM Secondary Captures, each as a new "
                 f"series of its source study, to {Path(run_dir) / 'dicom_sc'}.")
+        originals = sum((path.parent / ORIGINAL_FILE).is_file() for path in captures)
+        if originals:
+            note += f" {originals} of these studies also hold their de-identified original as a second series"
+            note += "." if originals == len(captures) else (
+                "; the others' sources declare burned-in annotation, whose pixels are not cleaned here.")
+        return note
     if manifest is not None and manifest["image_path"].str.lower().str.endswith(_NON_DICOM_SUFFIXES).all():
         return ("No DICOM Secondary Captures: this cohort's images were read from JPEG/PNG files, which belong "
                 "to no DICOM study that a simplified image could join as a new series.")

@@ -59,3 +59,22 @@ def test_checks_section_flags_a_kept_shortcut(run_folder):
     assert "no shortcut detected" in page and "shortcut kept" not in page
     metrics_path.write_text(json.dumps({"auroc_simpl": 0.9}))  # a run without checks: no section
     assert "<h2>Checks</h2>" not in write_run_cohort_report(run_folder, name).read_text()
+
+
+def test_secondary_capture_note_counts_the_de_identified_originals(tmp_path):
+    from pipeline.io.dicom_write import ORIGINAL_FILE, SIMPLIFIED_FILE
+    from pipeline.report.html import secondary_capture_note
+
+    captures = []
+    for study in ("a", "b", "c"):
+        (tmp_path / study).mkdir()
+        captures.append(tmp_path / study / SIMPLIFIED_FILE)
+        captures[-1].write_bytes(b"")
+    for study in ("a", "b"):
+        (tmp_path / study / ORIGINAL_FILE).write_bytes(b"")
+    note = secondary_capture_note(captures, None, tmp_path)
+    assert note.startswith("3 simplified images") and "2 of these studies also hold their de-identified original" in note
+    assert "burned-in annotation" in note
+    (tmp_path / "c" / ORIGINAL_FILE).write_bytes(b"")
+    assert "burned-in" not in secondary_capture_note(captures, None, tmp_path)
+    assert "original" not in secondary_capture_note(captures[:0] or None, None, tmp_path)

@@ -300,7 +300,10 @@ def _plan_study(config: DemoCohortConfig, index: int, sex: str, identity, date: 
         pixel_spacing_mm=config.render.field_of_view_mm / config.size,
         source_to_detector_mm=sdd, source_to_patient_mm=sdd - idd - 120.0,
         kvp=float(rng.choice([110, 115, 120, 125])), exposure_mas=exposure.photons_per_mm2 / 1000.0,
-        burned_in_annotation=present,
+        # PS3.3 C.7.6.1 defines BurnedInAnnotation as text enough to identify the patient and the date;
+        # the demo's marks (laterality letters, technique tags such as ERECT) carry neither, so every
+        # demo study may have its de-identified original beside the simplified series in a PACS.
+        burned_in_annotation=False,
     )
     plan = StudyPlan(
         index=index, study_id=study_pseudonym(study_uid), patient_id=patient_pseudonym(identity.mrn),
