@@ -38,6 +38,7 @@ from pipeline.runtime.atomic import atomic_write_bytes
 log = logging.getLogger(__name__)
 
 SERIES_DESCRIPTION = "SimpleBits simplified - research, not for diagnosis"
+ORIGINAL_SERIES_DESCRIPTION = "De-identified original - research copy"
 MANUFACTURER = "SimpleBits-CXR"
 DEFAULT_SERIES_NUMBER = 9901
 DEFAULT_OUTPUT_NAME = "simplified"
@@ -128,7 +129,11 @@ def write_study_series(
         log.info("%s: source does not declare BurnedInAnnotation=NO; de-identified original not written",
                  study_dir.name)
         return StudySeries(simplified, None)
-    return StudySeries(simplified, _save(deidentify(source, patient_pseudonym), study_dir / ORIGINAL_FILE))
+    original = deidentify(source, patient_pseudonym)
+    # The profile removed the source's own description (it may name a person or a site); this one says
+    # what the series is, so that a PACS lists it by name beside the simplified series.
+    original.SeriesDescription = ORIGINAL_SERIES_DESCRIPTION
+    return StudySeries(simplified, _save(original, study_dir / ORIGINAL_FILE))
 
 
 def write_run_secondary_captures(

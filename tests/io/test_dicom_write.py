@@ -25,8 +25,8 @@ from pipeline.data.ingest import write_ingest_folder
 from pipeline.data.pseudonym import patient_pseudonym, study_pseudonym
 from pipeline.data.store import write_images
 from pipeline.io.dicom_write import (
-    ORIGINAL_FILE, SERIES_DESCRIPTION, SIMPLIFIED_FILE, build_secondary_capture, write_run_secondary_captures,
-    write_study_series,
+    ORIGINAL_FILE, ORIGINAL_SERIES_DESCRIPTION, SERIES_DESCRIPTION, SIMPLIFIED_FILE, build_secondary_capture,
+    write_run_secondary_captures, write_study_series,
 )
 
 SIMPLIFY_NAME = "scale_space-lam0.3"
@@ -185,6 +185,7 @@ def test_deidentified_study_per_source_study_with_both_series(run, deidentified)
         original = pydicom.dcmread(original_path)
         assert (original.StudyInstanceUID, original.PatientID) == (sc.StudyInstanceUID, sc.PatientID)
         assert original.SeriesInstanceUID != sc.SeriesInstanceUID
+        assert original.SeriesDescription == ORIGINAL_SERIES_DESCRIPTION  # named in a PACS, the source's removed
         assert reference.ReferencedSOPInstanceUID == original.SOPInstanceUID
         assert reference.ReferencedSOPClassUID == original.SOPClassUID
         np.testing.assert_array_equal(original.pixel_array, pydicom.dcmread(source["path"]).pixel_array)

@@ -73,7 +73,8 @@ def test_secondary_capture_note_counts_the_de_identified_originals(tmp_path):
     for study in ("a", "b"):
         (tmp_path / study / ORIGINAL_FILE).write_bytes(b"")
     note = secondary_capture_note(captures, None, tmp_path)
-    assert note.startswith("3 simplified images") and "2 of these studies also hold their de-identified original" in note
+    assert note.startswith("3 simplified images")
+    assert "2 of these studies also hold their de-identified original" in note
     assert "burned-in annotation" in note
     (tmp_path / "c" / ORIGINAL_FILE).write_bytes(b"")
     assert "burned-in" not in secondary_capture_note(captures, None, tmp_path)
