@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import yaml
 from cohort_fixtures import TINY_RUN_BASICS
 
 from pipeline.cli import main
@@ -133,3 +134,15 @@ def test_task_without_its_column_is_one_line(demo_renders, tmp_path, capsys):
 def test_report_of_a_run_that_is_not_run_is_a_config_error(tmp_path, capsys):
     assert main(["run", "--tasks", "sex", "--set", "report.simplify=audit-effusion", "--out", str(tmp_path)]) == 2
     assert "report.simplify 'audit-effusion' is not a run of this config" in _one_line_error(capsys)
+
+
+def test_tasks_flag_takes_a_task_that_the_config_defines(tmp_path, capsys):
+    # --tasks is checked against the registry *and* the run's task_definitions (here from --set)
+    defined = ["--set", "task_definitions={edema_u1: {column: edema, uncertain: positive}}"]
+    with pytest.raises(SystemExit) as exit_:  # --print-config exits like --help
+        main(["run", "--tasks", "edema_u1", *defined, "--out", str(tmp_path), "--print-config"])
+    assert exit_.value.code == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["tasks"] == ["edema_u1"] and printed["joint_tasks"] == ["edema_u1"]
+    assert main(["run", "--tasks", "edema_u2", *defined, "--out", str(tmp_path), "--print-config"]) == 2
+    assert "unknown task 'edema_u2'" in _one_line_error(capsys)

@@ -33,8 +33,9 @@ def run(args: argparse.Namespace) -> int:
     from pipeline.tasks import explicit_keys, parse_tasks
     from pipeline.workflow import RunConfig, print_where_to_look, run_pipeline
 
-    tasks = parse_tasks(args.tasks) if args.tasks else None
-    joint_tasks = parse_tasks(args.joint_tasks) if args.joint_tasks else None
+    # Names are checked by RunConfig, which also knows the tasks that --set task_definitions=... adds.
+    tasks = parse_tasks(args.tasks, check=False) if args.tasks else None
+    joint_tasks = parse_tasks(args.joint_tasks, check=False) if args.joint_tasks else None
     if joint_tasks is None and tasks is not None and "joint_tasks" not in explicit_keys(args.overrides):
         joint_tasks = tasks  # joint training and the audit per task, unless the user said otherwise
     # absolute, so that the resolved config resumes the run from any working folder
