@@ -9,7 +9,8 @@ It prints, per result file (every ``metrics.json``, ``predictions.csv``, ``basel
 the cohort report's tables, the ground truth, and the image shards of the ingest and simplified
 stores), whether the two runs' copies are byte-identical,
 and for JSON metrics that differ the keys whose values differ. Timings, MLflow ids and file paths are
-not results and are ignored (``metrics.json`` keys ending in ``_seconds`` or ``_s``). Exit status 1
+not results and are ignored (``metrics.json`` keys ending in ``_seconds`` or ``_s``; MLflow's artifact
+copies). Exit status 1
 when any result differs, so a script can gate on it.
 """
 
@@ -26,7 +27,10 @@ IGNORED_SUFFIXES = ("_seconds", "_s")
 
 
 def result_files(run: Path) -> set[str]:
-    return {p.relative_to(run).as_posix() for name in RESULT_NAMES for p in run.rglob(name)}
+    """Result files by path in the run; MLflow's copies (``mlartifacts/<run id>/``) are left out: their
+    folder names are run ids, new every run, and their contents are the files compared here."""
+    return {p.relative_to(run).as_posix() for name in RESULT_NAMES for p in run.rglob(name)
+            if "mlartifacts" not in p.relative_to(run).parts}
 
 
 def _numbers(path: Path) -> dict[str, object]:
