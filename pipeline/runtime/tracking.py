@@ -53,7 +53,6 @@ _MAX_PARAM_LEN = 6000  # MLflow's param value limit
 PARENT_RUN_ENV = "SIMPLEBITS_MLFLOW_PARENT_RUN_ID"
 #: A DICOM person name ("FAMILY^GIVEN"): such a value in a param or tag means an identifier leaked.
 _PERSON_NAME = re.compile(r"[A-Za-z][A-Za-z' .-]*\^[A-Za-z]")
-MODELS_ARTIFACT_DIR = "models"
 STUDIES_ARTIFACT_DIR = "studies"
 RESUMED_COUNT_TAG = "resumed_count"
 RESUMED_FROM_STATUS_TAG = "resumed_from_status"
@@ -382,22 +381,6 @@ class Tracker:
             else:
                 self.client.log_artifact(self.run_id, str(path), artifact_path)
 
-    def log_model_files(self, name: str, files: Iterable[str | Path]) -> str | None:
-        """Model files (``.safetensors`` weights + ``.json`` config) as artifacts under ``models/<name>/``.
-
-        state_dict files are the primary, loadable format (no pickle). Returns the artifact path.
-        """
-        files = [Path(f) for f in files]
-        for path in files:
-            if not path.is_file():
-                raise FileNotFoundError(f"{path}: model file not found")
-        if not (self.enabled and self.run_id):
-            return None
-        artifact_path = f"{MODELS_ARTIFACT_DIR}/{name}"
-        for path in files:
-            self.client.log_artifact(self.run_id, str(path), artifact_path)
-        return artifact_path
-
     def log_model(self, kind: str, weights: str | Path, name: str, register: str | None = None,
                   tags: Mapping[str, str] | None = None) -> Any:
         """The network in ``weights`` (+ side-car ``.json``) as the MLflow Model ``name`` of the open run.
@@ -436,15 +419,6 @@ class Tracker:
             return
         refuse_identifying_columns(table, artifact_file)
         self.client.log_table(self.run_id, table, artifact_file)
-
-    def download_model_files(self, name: str, dst: str | Path, run_id: str | None = None) -> Path:
-        """Fetch ``models/<name>/`` of ``run_id`` (default: the open run) into ``dst``; returns the folder."""
-        run_id = run_id or self.run_id
-        if not (self.enabled and run_id):
-            raise RuntimeError("no run to download model files from")
-        Path(dst).mkdir(parents=True, exist_ok=True)
-        local = self.client.download_artifacts(run_id, f"{MODELS_ARTIFACT_DIR}/{name}", str(dst))
-        return Path(local)
 
     def log_dataset(
         self,

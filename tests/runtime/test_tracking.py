@@ -9,31 +9,22 @@ import pandas as pd
 import pytest
 import torch
 from mlflow import MlflowClient
-from safetensors.torch import load_file, save_file
 
+from pipeline.models.classifiers import create_classifier, load_classifier, save_classifier
+from pipeline.runtime.model_uri import local_weights
 from pipeline.runtime.tracking import IdentifierLeakError, Tracker
 
-def write_model_files(folder: Path) -> tuple[Path, Path, torch.nn.Module]:
+
+def write_classifier(folder: Path) -> Path:
+    """A tiny package classifier: ``.safetensors`` weights and their side-car ``.json``."""
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.ReLU(), torch.nn.Conv2d(4, 2, 1))
-    weights, config = folder / "model.safetensors", folder / "model.json"
-    save_file(model.state_dict(), weights)
-    config.write_text(json.dumps({"arch": "tiny", "in_channels": 1, "classes": 2}))
-    return weights, config, model
-
-
-def load_logged_model(tracker: Tracker, run_id: str, name: str, dst: Path) -> tuple[torch.nn.Module, dict]:
-    """Download ``models/<name>`` from a run and rebuild the module from its state_dict (no pickle)."""
-    folder = tracker.download_model_files(name, dst, run_id=run_id)
-    config = json.loads((folder / "model.json").read_text())
-    model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.ReLU(), torch.nn.Conv2d(4, 2, 1))
-    model.load_state_dict(load_file(folder / "model.safetensors"))
-    return model, config
+    return save_classifier(create_classifier("nf_cnn", widths=[4, 8]), folder / "model.safetensors",
+                           input_size=[16, 16])
 
 
 def exercise_tracker(tracker: Tracker, tmp_path: Path) -> None:
     """Parent + nested runs, params, metrics, dataset input, model files, study reports; then check all."""
-    weights, config, model = write_model_files(tmp_path)
+    weights = write_classifier(tmp_path)
     studies = tmp_path / "studies"
     for sid in ("std-aaa", "std-bbb"):
         (studies / sid).mkdir(parents=True)
@@ -46,7 +37,7 @@ def exercise_tracker(tracker: Tracker, tmp_path: Path) -> None:
             child_id = child.run_id
             for step in range(3):
                 child.log_metrics({"loss": 1.0 / (step + 1)}, step=step)
-            assert child.log_model_files("classifier", [weights, config]) == "models/classifier"
+            model_uri = child.log_model("classifier", weights, name="classifier").model_uri
         assert tracker.run_id == parent_id
         assert tracker.log_study_reports(studies) == 2
 
@@ -63,10 +54,12 @@ def exercise_tracker(tracker: Tracker, tmp_path: Path) -> None:
     assert sorted(a.path for a in client.list_artifacts(parent_id, "studies")) == ["studies/std-aaa", "studies/std-bbb"]
     assert [a.path for a in client.list_artifacts(parent_id, "studies/std-aaa")] == ["studies/std-aaa/report.json"]
 
-    loaded, loaded_config = load_logged_model(tracker, child_id, "classifier", tmp_path / "download")
-    assert loaded_config["arch"] == "tiny"
-    x = torch.randn(2, 1, 8, 8)
-    torch.testing.assert_close(loaded(x), model(x))
+    # the model resolves to the weights that were logged, and those load into the same network
+    local = Path(local_weights(model_uri, "--classifier", tracker.uri))
+    assert local.read_bytes() == weights.read_bytes()
+    x = torch.rand(2, 1, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(load_classifier(local)(x), load_classifier(weights)(x))
 
 
 def test_sqlite_default_lives_in_run_folder(tmp_path, monkeypatch):
@@ -76,7 +69,7 @@ def test_sqlite_default_lives_in_run_folder(tmp_path, monkeypatch):
     exercise_tracker(tracker, tmp_path)
     assert (tmp_path / "run" / "mlflow.db").is_file()
     logged = list((tmp_path / "run" / "mlartifacts").rglob("model.safetensors"))
-    assert len(logged) == 1 and "models/classifier" in logged[0].as_posix()
+    assert len(logged) == 1  # the logged model's copy, in the run folder's artifact store
 
 
 @pytest.mark.slow
@@ -100,14 +93,14 @@ def test_person_name_values_are_refused(tmp_path):
 
 
 def test_disabled_tracker_logs_nothing(tmp_path):
-    weights, config, _ = write_model_files(tmp_path)
+    weights = write_classifier(tmp_path)
     tracker = Tracker(tmp_path / "run", enabled=False)
     with tracker.run("noop"):
-        assert tracker.log_model_files("m", [weights, config]) is None
+        assert tracker.log_model("classifier", weights, name="m") is None
         tracker.log_dataset(pd.DataFrame({"a": [1]}), "d", "training")
     assert not (tmp_path / "run" / "mlflow.db").exists()
-    with pytest.raises(FileNotFoundError, match="missing.safetensors"):
-        tracker.log_model_files("m", [tmp_path / "missing.safetensors"])
+    with pytest.raises(FileNotFoundError, match="missing.safetensors"):  # a missing file fails alike with and without tracking
+        tracker.log_model("classifier", tmp_path / "missing.safetensors", name="m")
 
 
 def test_person_name_in_run_params_is_refused_before_a_run_is_made(tmp_path):
