@@ -3,9 +3,12 @@
 overlay per method) and each overlay on its own for the review page.
 
 Panels are composed with numpy + PIL rather than one matplotlib figure per study: that is two orders
-of magnitude faster, so a cohort of hundreds of studies is rendered in seconds. Small working images
-(e.g. 64x64) are enlarged: the original with nearest-neighbour, so that the reader sees the pixels the
-classifier saw, the simplified image and the change smoothly (bicubic), as the review page shows them.
+of magnitude faster, so a cohort of hundreds of studies is rendered in seconds. Where the study's
+source file can be read, the panel's original is the source radiograph under its DICOM VOI (the
+review page's ``original_full.png``), centre-padded to a square as ingest pads it and shown at up to
+:data:`FULL_TILE` px; the working-resolution simplified image and the change are upsampled smoothly
+(bicubic) onto the same square, as the review page shows them. Without a source, the working image
+(e.g. 64x64) is enlarged with nearest-neighbour, so that the reader sees the pixels the classifier saw.
 
 Everything written here is keyed by the pseudonymous study id and carries no identifying field.
 """
@@ -42,6 +45,9 @@ PANEL_NAME = "panel.png"
 ORIGINAL_NAME = "original.png"
 SIMPLIFIED_NAME = "simplified.png"
 REPORT_NAME = "report.json"
+#: Largest tile side of a panel whose original is the source radiograph (a 3000-px source is
+#: downsampled to it; the review page shows the native pixels).
+FULL_TILE = 512
 
 #: Human-readable class names for the binary tasks (index = label value). Config may override.
 DEFAULT_CLASS_NAMES: dict[str, tuple[str, str]] = {
@@ -90,6 +96,7 @@ class StudyReport:
     dims: int
     attributes: dict[str, Any] = field(default_factory=dict)
     maps: tuple[str, ...] = ()  # methods of simplebits explain shown in explain.png, in tile order
+    source_size: tuple[int, int] | None = None  # rows, cols of the source radiograph the panel shows
 
     @property
     def bits_saved(self) -> float:
@@ -163,22 +170,42 @@ def _diverging_lut(name: str = "RdBu_r") -> np.ndarray:
     return (colormaps[name](np.linspace(0.0, 1.0, 256))[:, :3] * 255).round().astype(np.uint8)
 
 
-def difference_overlay(original: np.ndarray, simplified: np.ndarray) -> tuple[np.ndarray, float]:
+def difference_overlay(original: np.ndarray, simplified: np.ndarray,
+                       base: np.ndarray | None = None) -> tuple[np.ndarray, float]:
     """Signed difference (simplified - original) as a colour overlay on the original.
 
     Symmetric colour limits ``±m`` with ``m`` = the largest absolute change (at least one grey level),
     so white/grey means "unchanged", red "brighter", blue "darker". Alpha grows with the magnitude so the
-    anatomy stays visible where nothing changed. Returns the RGB overlay and ``m`` in grey levels.
+    anatomy stays visible where nothing changed. ``base``: the grey image to draw on instead of
+    ``original`` (e.g. the source radiograph as displayed); the difference, taken at working
+    resolution, is upsampled smoothly onto it. Returns the RGB overlay and ``m`` in grey levels.
     """
     if original.shape != simplified.shape:
         raise ValueError(f"original {original.shape} and simplified {simplified.shape} differ in shape")
     diff = simplified.astype(np.float32) - original.astype(np.float32)
     limit = max(float(np.abs(diff).max()), 1.0)
+    if base is None:
+        base = original
+    elif base.shape != diff.shape:
+        rows, cols = base.shape
+        diff = np.asarray(Image.fromarray(diff, "F").resize((cols, rows), Image.Resampling.BICUBIC))
     index = np.clip(np.round((diff / limit + 1.0) * 127.5), 0, 255).astype(np.uint8)
     colour = _diverging_lut()[index].astype(np.float32)
-    alpha = (_OVERLAY_MAX_ALPHA * np.abs(diff) / limit)[..., None]
-    grey = np.repeat(original[..., None].astype(np.float32), 3, axis=-1)
+    alpha = np.clip(_OVERLAY_MAX_ALPHA * np.abs(diff) / limit, 0.0, _OVERLAY_MAX_ALPHA)[..., None]
+    grey = np.repeat(base[..., None].astype(np.float32), 3, axis=-1)
     return np.clip(grey * (1 - alpha) + colour * alpha, 0, 255).astype(np.uint8), limit
+
+
+def square_padded(image: np.ndarray) -> np.ndarray:
+    """A rows x cols grey image centred on a square of side ``max(rows, cols)``, padded with its
+    minimum: the geometry ingest gives the working image (:class:`pipeline.data.transforms.SquarePad`),
+    so that the simplified image lies exactly on it."""
+    rows, cols = image.shape
+    side = max(rows, cols)
+    top, left = (side - rows) // 2, (side - cols) // 2
+    out = np.full((side, side), image.min(), dtype=image.dtype)
+    out[top:top + rows, left:left + cols] = image
+    return out
 
 
 def _enlarge(image: Image.Image, tile: int, smooth: bool = False) -> Image.Image:
@@ -259,12 +286,28 @@ def _check_pair(original: np.ndarray, simplified: np.ndarray, report: StudyRepor
         )
 
 
-def render_panel(original: np.ndarray, simplified: np.ndarray, report: StudyReport, tile: int = 256) -> Image.Image:
-    """Original | simplified | difference overlay, titles above and the caption below."""
+def render_panel(original: np.ndarray, simplified: np.ndarray, report: StudyReport, tile: int = 256,
+                 full_original: np.ndarray | None = None) -> Image.Image:
+    """Original | simplified | difference overlay, titles above and the caption below.
+
+    ``full_original``: the source radiograph (rows x cols, uint8, as displayed under its VOI). It is
+    then the original tile, at up to :data:`FULL_TILE` px, and the simplified image and the change are
+    upsampled smoothly onto its geometry; otherwise the working image ``original`` is.
+    """
     _check_pair(original, simplified, report)
-    overlay, limit = difference_overlay(original, simplified)
-    tiles = [_tile(original, tile), _tile(simplified, tile, smooth=True), _tile(overlay, tile, smooth=True)]
-    titles = ["Original", "Simplified", "Change (simplified - original)"]
+    if full_original is None:
+        overlay, limit = difference_overlay(original, simplified)
+        tiles = [_tile(original, tile), _tile(simplified, tile, smooth=True), _tile(overlay, tile, smooth=True)]
+        titles = ["Original (working resolution)", "Simplified", "Change (simplified - original)"]
+    else:
+        shown = _tile(square_padded(full_original), max(tile, min(FULL_TILE, max(full_original.shape))))
+        size = shown.size
+        base = np.asarray(shown.convert("L"))
+        overlay, limit = difference_overlay(original, simplified, base=base)
+        tiles = [shown, Image.fromarray(simplified, "L").resize(size, Image.Resampling.BICUBIC).convert("RGB"),
+                 Image.fromarray(overlay, "RGB")]
+        rows, cols = full_original.shape
+        titles = [f"Original ({cols} x {rows} px source)", "Simplified (upsampled)", "Change (simplified - original)"]
     # Colour key under the difference tile: which colour means brighter/darker, and by how much.
     key = (_colorbar(max(t.size[0] for t in tiles) // 2, 10),
            f"-{limit:.0f}  darker | brighter  +{limit:.0f} grey levels")
@@ -314,17 +357,20 @@ def write_study_report(
     tile: int = 256,
     overwrite: bool = False,
     maps: Mapping[str, np.ndarray] | None = None,
+    full_original: np.ndarray | None = None,
 ) -> Path:
     """``studies/<study_id>/{panel.png, original.png, simplified.png, report.json}``, each atomic;
     with ``maps`` (method -> saliency map, in tile order) also ``explain.png`` and one
-    ``map-<method>.png`` overlay each (at working resolution, for the review page).
+    ``map-<method>.png`` overlay each (at working resolution, for the review page). ``full_original``:
+    the source radiograph the panel shows (:func:`render_panel`).
 
     An existing folder whose ``report.json`` already says the same (the maps' methods included) is
     left alone (resumable); ``report.json`` is written last so that its presence means the folder is
     complete.
     """
     maps = dict(maps or {})
-    report = replace(report, maps=tuple(maps))
+    report = replace(report, maps=tuple(maps),
+                     source_size=None if full_original is None else tuple(full_original.shape))
     out = Path(studies_dir) / report.study_id
     record = json.dumps(report.to_dict(), indent=2, sort_keys=True)
     existing = out / REPORT_NAME
@@ -332,7 +378,7 @@ def write_study_report(
         return out
     atomic_write_bytes(out / ORIGINAL_NAME, _png_bytes(Image.fromarray(original, "L")))
     atomic_write_bytes(out / SIMPLIFIED_NAME, _png_bytes(Image.fromarray(simplified, "L")))
-    atomic_write_bytes(out / PANEL_NAME, _png_bytes(render_panel(original, simplified, report, tile)))
+    atomic_write_bytes(out / PANEL_NAME, _png_bytes(render_panel(original, simplified, report, tile, full_original)))
     write_study_maps(out, original, simplified, maps, report, tile)
     atomic_write_text(existing, record)
     return out
@@ -369,6 +415,7 @@ def write_study_reports(
     tile: int = 256,
     overwrite: bool = False,
     load_maps: StudyMaps = no_maps,
+    load_full_original: Callable[[str], np.ndarray | None] | None = None,
 ) -> list[Path]:
     """Reports for every row of a study table; returns the study folders.
 
@@ -376,6 +423,7 @@ def write_study_reports(
     per row) and optionally the columns in :data:`RECORD_ATTRIBUTES`, as
     :func:`pipeline.report.cohort.build_study_table` returns it. ``load_maps``: the study's saliency
     maps (:func:`pipeline.report.maps.maps_loader`), shown where there are any.
+    ``load_full_original``: the study's source radiograph for its panel, or None where there is none.
     """
     missing = {"study_id", "label", "p_orig", "p_simpl", "bpd_orig", "bpd_simpl"} - set(table.columns)
     if missing:
@@ -386,7 +434,8 @@ def write_study_reports(
         simplified = load_simplified(row["study_id"])
         report = make_study_report(row, original.size, task, setting, class_names)
         maps = load_maps(row["study_id"], original.shape)
-        written.append(write_study_report(studies_dir, original, simplified, report, tile, overwrite, maps))
+        full = load_full_original(row["study_id"]) if load_full_original else None
+        written.append(write_study_report(studies_dir, original, simplified, report, tile, overwrite, maps, full))
     return written
 
 
@@ -423,9 +472,11 @@ def write_run_study_reports(
     overwrite: bool = False,
 ) -> list[Path]:
     """Reports for one simplification run of a run folder, into ``RUN_DIR/studies``, with the maps of
-    ``RUN_DIR/explain/<task>`` (``simplebits explain --run``) where it has them."""
+    ``RUN_DIR/explain/<task>`` (``simplebits explain --run``) where it has them, and each panel's
+    original decoded from the study's source file where it can be read (``original_full.png``)."""
     from pipeline.data.store import image_loader
     from pipeline.report.cohort import build_study_table
+    from pipeline.report.review.fullres import FullOriginals
     from pipeline.run_folder import RunFolder
 
     run_dir = Path(run_dir)
@@ -446,4 +497,5 @@ def write_run_study_reports(
         tile=tile,
         overwrite=overwrite,
         load_maps=maps_loader(RunFolder(run_dir).explain(task)),
+        load_full_original=FullOriginals(run_dir, run_dir / "studies").load,
     )

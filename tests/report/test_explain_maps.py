@@ -73,7 +73,7 @@ def test_maps_leave_the_study_folder_with_the_explain_folder(explained_run):
     write_run_study_reports(explained_run, SIMPLIFY_NAME)
     assert record(explained_run, sid)["maps"] == []
     assert sorted(p.name for p in (explained_run / "studies" / sid).iterdir()) == \
-        ["original.png", "panel.png", REPORT_NAME, "simplified.png"]
+        ["original.png", "original_full.png", "panel.png", REPORT_NAME, "simplified.png"]  # (its source exists)
 
 
 def test_a_map_of_another_size_names_its_file(explained_run):

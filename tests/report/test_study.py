@@ -10,6 +10,7 @@ import pytest
 from synthetic_run import SIMPLIFY_NAME
 from PIL import Image
 
+import pipeline.report.study as study
 from pipeline.report.study import (
     REPORT_NAME,
     caption_lines,
@@ -85,6 +86,31 @@ def test_panel_layout_enlarges_the_original_blockwise_and_the_simplified_smoothl
     assert varies and (np.ptp(blocks, axis=-1) > 0).mean() > 0.2
     with pytest.raises(ValueError, match="std-00aa11bb22cc"):
         render_panel(original, simplified[:8], make_study_report(ROW, 256, "effusion", "joint"))
+
+
+def test_panel_shows_the_source_radiograph_with_the_simplified_image_on_its_geometry(monkeypatch):
+    """A non-square source (rows 48 x cols 32) sits centred on the square the working image covers
+    (ingest's square pad), at the source's resolution; the simplified image is upsampled onto it."""
+    original, simplified = images(16)
+    source = np.zeros((48, 32), np.uint8)
+    source[:, :] = 40
+    source[::2, ::2] = 220  # fine detail that only the source has (a checkerboard of single pixels)
+    report = make_study_report(ROW, 256, "effusion", "joint")
+    titles = []
+    compose = study._compose
+    monkeypatch.setattr(study, "_compose", lambda tiles, names, *rest: titles.extend(names) or compose(tiles, names, *rest))
+    panel = render_panel(original, simplified, report, tile=48, full_original=source)
+    assert titles[0] == "Original (32 x 48 px source)"
+    pixels = np.asarray(panel)[36:36 + 48]  # tiles: 48 x 48 (the source's larger side), titles above
+    shown = pixels[:, 10:10 + 48, 0]
+    np.testing.assert_array_equal(shown[:, 8:40], source)  # the source's own pixels, not the 16-px cache
+    assert (shown[:, :8] == 40).all() and (shown[:, 40:] == 40).all()  # padded with its minimum
+    smooth = pixels[:, 10 + 48 + 8:10 + 2 * 48 + 8, 0].astype(int)
+    upsampled = np.asarray(Image.fromarray(simplified).resize((48, 48), Image.Resampling.BICUBIC)).astype(int)
+    np.testing.assert_array_equal(smooth, upsampled)
+    overlay_tile = pixels[:, 10 + 2 * (48 + 8):10 + 3 * 48 + 2 * 8]
+    unchanged = overlay_tile[40:, 8:40]  # the bottom rows: simplified == original there
+    np.testing.assert_array_equal(unchanged[..., 0], source[40:])  # the change is drawn on the source
 
 
 def test_write_study_report_files_and_resume(tmp_path):

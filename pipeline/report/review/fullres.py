@@ -90,3 +90,12 @@ class FullOriginals:
             except (RadiographReadError, OSError) as err:
                 reason = err.reason if isinstance(err, RadiographReadError) else type(err).__name__
                 log.warning("study %s: full-resolution original not available (%s)", study_id, reason)
+
+    def load(self, study_id: str) -> np.ndarray | None:
+        """The study's full-resolution original as a uint8 array (made and cached first), else None."""
+        self.ensure(study_id)
+        path = self.studies_dir / study_id / FULL_ORIGINAL_NAME
+        if not path.is_file():
+            return None
+        with Image.open(path) as image:
+            return np.asarray(image.convert("L"))
