@@ -19,7 +19,7 @@ import pandas as pd
 import pydicom
 import pytest
 from PIL import Image
-from synthetic_run import SOURCE_SIZE, request, running_review_server
+from synthetic_run import SIMPLIFY_NAME, SOURCE_SIZE, request, running_review_server
 from mlflow import MlflowClient
 
 from pipeline.cli import main
@@ -317,6 +317,25 @@ def test_export_and_mlflow_logging(reported_run, tmp_path, monkeypatch):
         "review/ratings.csv", "review/ratings_history.csv"]
     history = pd.read_csv(client.download_artifacts(run.info.run_id, "review/ratings_history.csv", str(tmp_path)))
     assert history["keeps_finding"].tolist() == ["yes", "no"]
+    # the per-study table: every reported study, one row each, the current verdicts as columns
+    table = json.loads(Path(client.download_artifacts(run.info.run_id, "studies.json", str(tmp_path))).read_text())
+    rows = pd.DataFrame(table["data"], columns=table["columns"]).set_index("study_id")
+    assert sorted(rows.index) == sorted(study_ids(reported_run))
+    assert rows.loc[sid, ["n_readers", "keeps_finding_yes", "keeps_finding_no", "sign_other"]].tolist() == [1, 0, 1, 1]
+    assert rows.loc[sid, "readers"] == "Dr A" and {"p_orig", "p_simpl"} <= set(rows.columns)
+    assert (rows.drop(index=sid)["n_readers"] == 0).all() and "comment" not in rows.columns
+
+    # with a cohort report, its table (the pseudonymous patient link dropped) carries the ratings
+    from pipeline.report.html import write_run_cohort_report
+
+    write_run_cohort_report(reported_run, SIMPLIFY_NAME)
+    assert main(["review", str(reported_run), "--log-mlflow"]) == 0
+    latest = client.search_runs([run.info.experiment_id], order_by=["attributes.start_time DESC"])[0]
+    table = json.loads(Path(client.download_artifacts(latest.info.run_id, "studies.json", str(tmp_path / "2")))
+                       .read_text())
+    rows = pd.DataFrame(table["data"], columns=table["columns"]).set_index("study_id")
+    assert {"split", "age_band", "bits_saved", "keeps_finding_no"} <= set(rows.columns)
+    assert "patient_id" not in rows.columns and rows.loc[sid, "keeps_finding_no"] == 1
 
 
 def test_server_needs_study_reports(tmp_path):
