@@ -3,8 +3,8 @@
 The wheel is built from a copy of the sources (a build writes build/ and *.egg-info beside them),
 installed without dependencies into a folder of its own and run from another folder with that
 folder first on PYTHONPATH, so nothing of the checkout can be read. The dependencies come from the
-test's own environment. ``--print-config`` resolves the config without running the pipeline (the
-full pipeline is too slow for a test).
+test's own environment. ``--print-config`` resolves the config without running the pipeline; a second
+test runs the whole main job from the wheel on a tiny config.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from cohort_fixtures import TINY_RUN_BASICS
 
 pytestmark = pytest.mark.slow  # builds and installs a wheel
 
@@ -68,3 +69,29 @@ def test_wheel_resolves_the_same_config_as_the_checkout(installed, tmp_path):
     assert wheel_config["cohort"]["distractor"]["mode"] == "independent"
     assert wheel_config["prior"]["finetune"] is False
     assert wheel_config["cohort"]["n"] == 40 and wheel_config["classify"]["train"]["epochs"] == 2
+
+
+def test_wheel_runs_the_main_job_from_another_folder(installed, tmp_path):
+    """The whole ``simplebits run`` from the wheel alone, tiny: every file it reads at run time (the
+    shipped prior, the demo CT, report templates, the review page) must be package data."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    tiny = [*TINY_RUN_BASICS, "tasks=[effusion]", "joint_tasks=[effusion]", "joint.train.epochs=1",
+            "audit.train.epochs=1", "audit.independent.train.epochs=1", "audit.evaluate.baselines=[blur]",
+            "audit.evaluate.retrain=false"]
+    overrides = [arg for item in tiny for arg in ("--set", item)]
+    run([sys.executable, "-m", "pipeline.cli", "run", "--set", "cohort.n=40", *overrides, "--out", "run"],
+        elsewhere, {"PYTHONPATH": str(installed)})
+    out = elsewhere / "run"
+    for name in ("config.resolved.yaml", "mlflow.db", "cohort_report/index.html",
+                 "classifier/effusion/model.safetensors", "simplify/audit-effusion/metrics.json",
+                 "simplify/joint-effusion/metrics.json"):
+        assert (out / name).is_file(), name
+    assert any((out / "dicom_sc").rglob("*.dcm")), "no Secondary Captures"
+    # the review page's own files and the run's studies, as the wheel's review server reads them
+    review = ("from pipeline.report.review.server import STATIC_DIR, STATIC_FILES, ReviewApp\n"
+              "assert all((STATIC_DIR / name).is_file() for name in STATIC_FILES), STATIC_DIR\n"
+              "print(len(ReviewApp('run').studies()))")
+    assert int(run([sys.executable, "-c", review], elsewhere, {"PYTHONPATH": str(installed)})) > 0
+    resolved = yaml.safe_load((out / "config.resolved.yaml").read_text())
+    assert resolved["cohort"]["distractor"]["mode"] == "independent"  # the shipped preset, read from the wheel
