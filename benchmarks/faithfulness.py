@@ -108,6 +108,19 @@ PRESETS = {
                "evaluate.retrain=false", "tracking.enabled=false"),
         explain=("ig.steps=16",),
     ),
+    # sized for about an hour on 2 idle CPU cores: enough studies that the classifiers learn (the quick
+    # preset's did not: R <= 0.006), three contamination levels x two seeds (6 tracking points per
+    # device), at 64 px rather than the 128 px; the same small models as quick
+    "medium": Preset(
+        n=800, size=64, levels=(0.5, 0.8, 0.95), seeds=(0, 1), forms=("scale_space",), sanity_runs=1,
+        classify=("model.name=monai_resnet18", "model.kwargs={widen_factor: 0.25}", "train.epochs=16",
+                  "tracking.enabled=false"),
+        audit=("train.epochs=6", "simplifier.base_channels=8", "simplifier.levels=3",
+               "simplifier.max_channels=32", "independent.enabled=false", "evaluate.baselines=[]",
+               "evaluate.retrain=false", "tracking.enabled=false"),
+        explain=("ig.steps=16",),
+        split_fractions="{train: 0.7, val: 0.1, test: 0.2}",
+    ),
     # the sizes: fine-detail cohort at 128 px, three contamination levels, three seeds
     "full": Preset(
         n=3000, size=128, levels=(0.5, 0.8, 0.95), seeds=(0, 1, 2), forms=("scale_space", "logit"),
