@@ -62,3 +62,17 @@ TINY_RUN_BASICS = [
     "prior.settings.train.batch_size=4",
     "classify.train.epochs=1",
 ]
+
+#: The whole ``simplebits run`` on the demo cohort, tiny (one task, one epoch per stage): for tests
+#: of how the main job runs (from a wheel, into a PACS), not of what it finds.
+TINY_DEMO_RUN = [
+    *TINY_RUN_BASICS,
+    "cohort.n=40",
+    "tasks=[effusion]",
+    "joint_tasks=[effusion]",
+    "joint.train.epochs=1",
+    "audit.train.epochs=1",
+    "audit.independent.train.epochs=1",
+    "audit.evaluate.baselines=[blur]",
+    "audit.evaluate.retrain=false",
+]

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from cohort_fixtures import TINY_RUN_BASICS
+from cohort_fixtures import TINY_DEMO_RUN
 
 pytestmark = pytest.mark.slow  # builds and installs a wheel
 
@@ -76,11 +76,8 @@ def test_wheel_runs_the_main_job_from_another_folder(installed, tmp_path):
     shipped prior, the demo CT, report templates, the review page) must be package data."""
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    tiny = [*TINY_RUN_BASICS, "tasks=[effusion]", "joint_tasks=[effusion]", "joint.train.epochs=1",
-            "audit.train.epochs=1", "audit.independent.train.epochs=1", "audit.evaluate.baselines=[blur]",
-            "audit.evaluate.retrain=false"]
-    overrides = [arg for item in tiny for arg in ("--set", item)]
-    run([sys.executable, "-m", "pipeline.cli", "run", "--set", "cohort.n=40", *overrides, "--out", "run"],
+    overrides = [arg for item in TINY_DEMO_RUN for arg in ("--set", item)]
+    run([sys.executable, "-m", "pipeline.cli", "run", *overrides, "--out", "run"],
         elsewhere, {"PYTHONPATH": str(installed)})
     out = elsewhere / "run"
     for name in ("config.resolved.yaml", "mlflow.db", "cohort_report/index.html",

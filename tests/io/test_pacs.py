@@ -22,6 +22,7 @@ import pandas as pd
 import pydicom
 import pytest
 import requests
+from cohort_fixtures import TINY_DEMO_RUN
 from test_dicom_write import SIMPLIFY_NAME, run  # noqa: F401  (run: the module's planted run folder)
 
 from pipeline.cli import main
@@ -296,3 +297,18 @@ def test_run_config_sends_only_captures_it_writes(tmp_path):
     assert load_config(RunConfig, default_config_path("run"), base).report.pacs_url.endswith("/dicom-web")
     with pytest.raises(ConfigError, match="report.pacs_url needs report.dicom_secondary_capture"):
         load_config(RunConfig, default_config_path("run"), [*base, "report.dicom_secondary_capture=false"])
+
+
+@pytest.mark.slow
+def test_the_main_job_sends_its_captures_to_the_pacs_it_is_given(orthanc, tmp_path, capsys):
+    """``simplebits run --set report.pacs_url=…``: the report stage writes the Secondary Captures and
+    sends every one of them; the run's summary says so and Orthanc holds them, two series per study."""
+    out = tmp_path / "run"
+    overrides = [arg for item in (*TINY_DEMO_RUN, f"report.pacs_url={orthanc.dicomweb}") for arg in ("--set", item)]
+    assert main(["run", *overrides, "--out", str(out)]) == 0
+    summary = json.loads(capsys.readouterr().out.split("\nDone: ")[0])
+    written = {pydicom.dcmread(p).SOPInstanceUID for p in (out / "dicom_sc").glob("*/*.dcm")}
+    assert written and orthanc.sop_instance_uids() == written
+    assert summary["report"]["pacs"][CONFIRMED] == len(written)
+    assert set(_log(out)["status"]) == {CONFIRMED}
+    assert all(len(series) == 2 for series in orthanc.studies().values())  # de-identified original + simplified
