@@ -111,7 +111,7 @@ PRESETS = {
                "evaluate.retrain=false", "tracking.enabled=false"),
         explain=("ig.steps=16",),
     ),
-    # sized for about an hour on 2 idle CPU cores: enough studies that the classifiers learn (the quick
+    # 35 minutes on 2 idle CPU cores (measured; scale_space only): enough studies that the classifiers learn (the quick
     # preset's did not: R <= 0.006), three contamination levels x two seeds (6 tracking points per
     # device), at 64 px rather than the 128 px; the same small models as quick
     "medium": Preset(

@@ -1,7 +1,7 @@
 """Ratings into MLflow, in a ``review`` run: counts per verdict over the current ratings (one per study
 and reader), the current ratings as ``ratings.csv``, every submission as ``ratings_history.csv``, and
-the per-study table (``studies.json``, the cohort report's table, else the study reports' fields) with each study's ratings as columns,
-so that the MLflow UI shows verdicts beside the numbers they judge."""
+the per-study table (``studies.json``: the cohort report's table, else the study reports' fields) with
+each study's ratings as columns, so that the MLflow UI shows verdicts beside the numbers they judge."""
 
 from __future__ import annotations
 
@@ -34,8 +34,8 @@ def ratings_per_study(ratings: Sequence[Rating]) -> pd.DataFrame:
         row[f"keeps_finding_{rating.keeps_finding}"] += 1
         for sign in rating.signs:
             row[f"sign_{sign}"] += 1
-    table = pd.DataFrame(list(rows.values()), columns=["study_id", "readers", *(f"keeps_finding_{k}" for k in KEEPS_FINDING),
-                                                       *(f"sign_{s}" for s in SIGNS)])
+    columns = ["study_id", "readers", *(f"keeps_finding_{k}" for k in KEEPS_FINDING), *(f"sign_{s}" for s in SIGNS)]
+    table = pd.DataFrame(list(rows.values()), columns=columns)
     table.insert(1, "n_readers", table["readers"].map(len).astype(int))
     table["readers"] = table["readers"].map(lambda names: ";".join(sorted(names)))
     return table
