@@ -23,7 +23,10 @@ benchmark resumes where it stopped):
 Maps. Saliency maps are scored as relevance ``|A|``. SimpleBits, blur and the original image (the
 "keep everything" reference) get the same map, the local detail their image still holds,
 ``|x̃ - G_σ x̃|`` with σ = 2 px at 64 px (pipeline/explain/faithfulness.py says why this and not
-``|x - x̃|``, which marks what was removed, i.e. what the classifier did *not* need).
+``|x - x̃|``, which marks what was removed, i.e. what the classifier did *not* need). The
+``<method>/relative`` rows divide that by the original's own detail (``relative_detail_map``: the
+share of the local detail kept), which takes the anatomy's edges out of the map; their emphasis on a
+feature is the map's RMA.
 
 Scores, over the test studies of every run:
 
@@ -282,7 +285,7 @@ def score_run(run: Run, preset: Preset, prior) -> tuple[pd.DataFrame, dict[str, 
     from pipeline.data.demo.reliance import summarise_reliance
     from pipeline.data.ingest import load_cohort
     from pipeline.data.store import CohortStore, StoredImages
-    from pipeline.explain.faithfulness import kept_detail_map, map_rank_correlation
+    from pipeline.explain.faithfulness import kept_detail_map, map_rank_correlation, relative_detail_map
     from pipeline.explain.localisation import area_matched_iou, relevance_mass_accuracy
     from pipeline.simplebits.evaluate import distractor_retention, sign_retention
 
@@ -318,13 +321,16 @@ def score_run(run: Run, preset: Preset, prior) -> tuple[pd.DataFrame, dict[str, 
     for form in preset.forms:
         audit = f"simplebits_{form}"
         blur = f"blur@{form}"
-        maps[audit], maps[blur] = {}, {}
+        maps[audit], maps[blur], maps[f"{audit}/relative"], maps[f"{blur}/relative"] = {}, {}, {}, {}
         for s in suffixes:
             simple = simplified(s, form)
             blurred, blur_seconds = blur_images(run, form, s, originals, test_bpd(s, form), prior)
             blurred = blurred.astype(np.float64) / 255.0
             maps[audit][s] = [kept_detail_map(im, sigma) for im in simple]
             maps[blur][s] = [kept_detail_map(im, sigma) for im in blurred]
+            # the same detail relative to the original's own (its rows' emphasis is the map's RMA)
+            maps[f"{audit}/relative"][s] = [relative_detail_map(o, im, sigma) for o, im in zip(x, simple)]
+            maps[f"{blur}/relative"][s] = [relative_detail_map(o, im, sigma) for o, im in zip(x, blurred)]
             if s == "":
                 images[audit], images[blur] = simple, blurred
                 n_simplified = len(pd.read_csv(f / f"audit-{form}" / "predictions.csv"))
@@ -396,8 +402,8 @@ def summary_table(per_study: pd.DataFrame, points: pd.DataFrame, seconds: dict[s
             emphasis = np.concatenate([p[f"emphasis_{d}{suffix}"] for d in DEVICES])
             rel = np.concatenate([p[f"R_{d}"] for d in DEVICES])
             row[f"tracking_devices_pooled{suffix}"], row["tracking_n_devices_pooled"] = tracking_spearman(emphasis, rel)
-        row["emphasis_kind"] = "retention (kept contrast in mask)" if method.startswith(("simplebits", "blur")) \
-            else "relevance mass accuracy"
+        row["emphasis_kind"] = ("retention (kept contrast in mask)" if method.startswith(("simplebits", "blur"))
+                                and not method.endswith("/relative") else "relevance mass accuracy")
         sanity = g["sanity_rank_correlation"] if "sanity_rank_correlation" in g else pd.Series(dtype=float)
         row["sanity_rank_correlation"] = finite_mean(sanity)
         # studies of the sanity runs where the correlation is defined: a map that is constant for the
@@ -417,11 +423,11 @@ def print_table(table: pd.DataFrame, points: pd.DataFrame) -> None:
     print("\nreliance R per run (test split): " + "; ".join(
         f"{r.run}: drain {r.R_chest_drain:.3f}, ecg {r.R_ecg:.3f}, effusion {r.R_effusion:.3f}"
         for r in points.drop_duplicates("run").itertuples()))
-    head = (f"{'method':<24} {'RMA fl':>7} {'IoU fl':>7} {'RMA dev':>7} {'IoU dev':>7} {'trk drn':>7} "
+    head = (f"{'method':<32} {'RMA fl':>7} {'IoU fl':>7} {'RMA dev':>7} {'IoU dev':>7} {'trk drn':>7} "
             f"{'trk ecg':>7} {'trk pool':>8} {'trk eff':>7} {'sanity':>7} {'def/n':>7} {'s/study':>8}")
     print(head + "\n" + "-" * len(head))
     for r in table.itertuples():
-        print(f"{r.method:<24} {cell(r.rma_fluid):>7} {cell(r.iou_fluid):>7} {cell(r.rma_device):>7} "
+        print(f"{r.method:<32} {cell(r.rma_fluid):>7} {cell(r.iou_fluid):>7} {cell(r.rma_device):>7} "
               f"{cell(r.iou_device):>7} {cell(r.tracking_chest_drain):>7} {cell(r.tracking_ecg):>7} "
               f"{cell(r.tracking_devices_pooled):>8} {cell(r.tracking_effusion):>7} "
               f"{cell(r.sanity_rank_correlation):>7} {r.sanity_n_defined:>3}/{r.sanity_n_studies:<3} "

@@ -11,6 +11,7 @@ from pipeline.explain.faithfulness import (
     finite_mean,
     kept_detail_map,
     map_rank_correlation,
+    relative_detail_map,
     tracking_spearman,
 )
 from pipeline.explain.localisation import relevance_mass_accuracy
@@ -37,6 +38,24 @@ def test_kept_detail_sits_on_the_detail():
 
     blurred = kept_detail_map(ndimage.gaussian_filter(image, 1.5), sigma=2.0)
     assert blurred[mask].sum() < detail[mask].sum()
+
+
+def test_relative_detail_shows_where_detail_was_kept_not_where_the_image_has_it():
+    rng = np.random.default_rng(0)
+    original = 0.5 + 0.2 * rng.standard_normal((32, 32))  # strong texture on the left half
+    original[:, 16:] = 0.5 + 0.05 * rng.standard_normal((32, 16))  # a quarter of it on the right
+    simplified = original.copy()
+    simplified[:, :16] = 0.5 + 0.3 * (original[:, :16] - 0.5)  # the left keeps 30% of its detail, the right all
+    kept, relative = kept_detail_map(simplified), relative_detail_map(original, simplified)
+    assert relative.shape == original.shape and relative.min() >= 0
+    # the kept-detail map still ranks the left above the right: it follows the image's own texture
+    assert kept[:, :16].mean() > kept[:, 16:].mean()
+    # the relative map ranks the half that kept all its detail above the half that lost 70%
+    assert relative[:, 16:].mean() > 1.5 * relative[:, :16].mean()
+    # nothing removed: d / (d + median d), which is 1/2 at the median pixel
+    assert np.median(relative_detail_map(original, original)) == pytest.approx(0.5, abs=1e-3)
+    with pytest.raises(ValueError):
+        relative_detail_map(original, original[:8])
 
 
 def test_map_rank_correlation_known_answers():
