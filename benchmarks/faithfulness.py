@@ -114,9 +114,9 @@ PRESETS = {
                "evaluate.retrain=false", "tracking.enabled=false"),
         explain=("ig.steps=16",),
     ),
-    # 35 minutes on 2 idle CPU cores (measured; scale_space only): enough studies that the classifiers learn (the quick
-    # preset's did not: R <= 0.006), three contamination levels x two seeds (6 tracking points per
-    # device), at 64 px rather than the issue's 128 px; the same small models as quick
+    # 35 minutes on 2 idle CPU cores (measured, scale_space only): enough studies that the classifiers
+    # learn (the quick preset's did not: R <= 0.006), three contamination levels x two seeds (6 tracking
+    # points per device), at 64 px rather than the issue's 128 px; the same small models as quick
     "medium": Preset(
         n=800, size=64, levels=(0.5, 0.8, 0.95), seeds=(0, 1), forms=("scale_space",), sanity_runs=1,
         classify=("model.name=monai_resnet18", "model.kwargs={widen_factor: 0.25}", "train.epochs=16",
@@ -285,7 +285,7 @@ def score_run(run: Run, preset: Preset, prior) -> tuple[pd.DataFrame, dict[str, 
     from pipeline.data.demo.reliance import summarise_reliance
     from pipeline.data.ingest import load_cohort
     from pipeline.data.store import CohortStore, StoredImages
-    from pipeline.explain.faithfulness import kept_detail_map, map_rank_correlation, relative_detail_map
+    from pipeline.explain.faithfulness import detail_share, kept_detail_map, map_rank_correlation
     from pipeline.explain.localisation import area_matched_iou, relevance_mass_accuracy
     from pipeline.simplebits.evaluate import distractor_retention, sign_retention
 
@@ -329,8 +329,9 @@ def score_run(run: Run, preset: Preset, prior) -> tuple[pd.DataFrame, dict[str, 
             maps[audit][s] = [kept_detail_map(im, sigma) for im in simple]
             maps[blur][s] = [kept_detail_map(im, sigma) for im in blurred]
             # the same detail relative to the original's own (its rows' emphasis is the map's RMA)
-            maps[f"{audit}/relative"][s] = [relative_detail_map(o, im, sigma) for o, im in zip(x, simple)]
-            maps[f"{blur}/relative"][s] = [relative_detail_map(o, im, sigma) for o, im in zip(x, blurred)]
+            for method in (audit, blur):
+                maps[f"{method}/relative"][s] = [detail_share(kept, detail) for kept, detail
+                                                 in zip(maps[method][s], maps["original"][""])]
             if s == "":
                 images[audit], images[blur] = simple, blurred
                 n_simplified = len(pd.read_csv(f / f"audit-{form}" / "predictions.csv"))

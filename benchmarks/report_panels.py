@@ -43,7 +43,7 @@ def matplotlib_panel(original: np.ndarray, simplified: np.ndarray, caption: list
 
 
 def main() -> None:
-    from pipeline.report.study import _png_bytes, caption_lines, make_study_report, render_panel, write_study_report
+    from pipeline.report.study import png_bytes, caption_lines, make_study_report, render_panel, write_study_report
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--studies", type=int, default=100)
@@ -62,7 +62,7 @@ def main() -> None:
     timings = {}
     start = time.perf_counter()
     for original, simplified, report in pairs:
-        _png_bytes(render_panel(original, simplified, report, args.tile))
+        png_bytes(render_panel(original, simplified, report, args.tile))
     timings["panel, numpy/PIL (ours)"] = time.perf_counter() - start
     start = time.perf_counter()
     for original, simplified, report in pairs:

@@ -61,9 +61,13 @@ def relative_detail_map(original: np.ndarray, simplified: np.ndarray, sigma: flo
     simplified = np.asarray(simplified, dtype=np.float64)
     if original.shape != simplified.shape:
         raise ValueError(f"original {original.shape} and simplified {simplified.shape} differ in shape")
-    detail = kept_detail_map(original, sigma)
-    floor = max(float(np.median(detail)), 1e-6)
-    return kept_detail_map(simplified, sigma) / (detail + floor)
+    return detail_share(kept_detail_map(simplified, sigma), kept_detail_map(original, sigma))
+
+
+def detail_share(kept: np.ndarray, original_detail: np.ndarray) -> np.ndarray:
+    """:func:`relative_detail_map` from the two kept-detail maps, for a caller that has them already."""
+    floor = max(float(np.median(original_detail)), 1e-6)
+    return np.asarray(kept, dtype=np.float64) / (original_detail + floor)
 
 
 def map_rank_correlation(a: np.ndarray, b: np.ndarray) -> float:

@@ -340,7 +340,7 @@ def render_explain_panel(original: np.ndarray, simplified: np.ndarray, maps: Map
     return _compose(tiles, titles, keys, explain_caption_lines(report))
 
 
-def _png_bytes(image: Image.Image) -> bytes:
+def png_bytes(image: Image.Image) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG", compress_level=3)
     return buffer.getvalue()
@@ -376,9 +376,9 @@ def write_study_report(
     existing = out / REPORT_NAME
     if not overwrite and existing.is_file() and existing.read_text() == record:
         return out
-    atomic_write_bytes(out / ORIGINAL_NAME, _png_bytes(Image.fromarray(original, "L")))
-    atomic_write_bytes(out / SIMPLIFIED_NAME, _png_bytes(Image.fromarray(simplified, "L")))
-    atomic_write_bytes(out / PANEL_NAME, _png_bytes(render_panel(original, simplified, report, tile, full_original)))
+    atomic_write_bytes(out / ORIGINAL_NAME, png_bytes(Image.fromarray(original, "L")))
+    atomic_write_bytes(out / SIMPLIFIED_NAME, png_bytes(Image.fromarray(simplified, "L")))
+    atomic_write_bytes(out / PANEL_NAME, png_bytes(render_panel(original, simplified, report, tile, full_original)))
     write_study_maps(out, original, simplified, maps, report, tile)
     atomic_write_text(existing, record)
     return out
@@ -399,9 +399,9 @@ def write_study_maps(out: Path, original: np.ndarray, simplified: np.ndarray, ma
         return
     for method, attribution in maps.items():
         atomic_write_bytes(out / map_file_name(method),
-                           _png_bytes(Image.fromarray(overlay_rgb(original, attribution), "RGB")))
+                           png_bytes(Image.fromarray(overlay_rgb(original, attribution), "RGB")))
     atomic_write_bytes(out / EXPLAIN_PANEL_NAME,
-                       _png_bytes(render_explain_panel(original, simplified, maps, report, tile)))
+                       png_bytes(render_explain_panel(original, simplified, maps, report, tile)))
 
 
 def write_study_reports(

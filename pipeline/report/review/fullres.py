@@ -13,7 +13,6 @@ reaches the served file; logs name the pseudonymous study id, never the source p
 
 from __future__ import annotations
 
-import io
 import logging
 import threading
 from pathlib import Path
@@ -24,7 +23,7 @@ from PIL import Image
 
 from pipeline.config import RESOLVED_CONFIG_NAME
 from pipeline.io.readers import VOI_MODES, RadiographReadError, read_radiograph
-from pipeline.report.study import read_manifest
+from pipeline.report.study import png_bytes, read_manifest
 from pipeline.runtime.atomic import atomic_write_bytes
 
 log = logging.getLogger(__name__)
@@ -51,13 +50,10 @@ def ingest_voi(run_dir: Path) -> str:
     return voi if voi in VOI_MODES else "auto"
 
 
-def full_original_png(source: Path, voi: str) -> bytes:
-    """The radiograph as displayed after the modality LUT and VOI, rows x columns as stored, as PNG."""
+def full_original_grey(source: Path, voi: str) -> np.ndarray:
+    """The radiograph as displayed after the modality LUT and VOI, rows x columns as stored, as uint8."""
     image, _meta = read_radiograph(source, voi=voi)  # _meta: safe tags only, and not needed here
-    grey = np.clip(np.round(image * 255.0), 0, 255).astype(np.uint8)
-    buffer = io.BytesIO()
-    Image.fromarray(grey, "L").save(buffer, format="PNG", compress_level=3)
-    return buffer.getvalue()
+    return np.clip(np.round(image * 255.0), 0, 255).astype(np.uint8)
 
 
 class FullOriginals:
@@ -78,24 +74,34 @@ class FullOriginals:
     def ensure(self, study_id: str) -> None:
         """Write the cached PNG if it is missing and the source can be read (the caller validated
         ``study_id`` and that its folder lies inside ``studies/``)."""
-        target = self.studies_dir / study_id / FULL_ORIGINAL_NAME
-        source = self.sources.get(study_id)
-        if target.is_file() or source is None or not source.is_file():
-            return
-        with self._lock:
-            if target.is_file():  # another request made it while this one waited
-                return
-            try:
-                atomic_write_bytes(target, full_original_png(source, self.voi))
-            except (RadiographReadError, OSError) as err:
-                reason = err.reason if isinstance(err, RadiographReadError) else type(err).__name__
-                log.warning("study %s: full-resolution original not available (%s)", study_id, reason)
+        self._make(study_id)
 
     def load(self, study_id: str) -> np.ndarray | None:
         """The study's full-resolution original as a uint8 array (made and cached first), else None."""
-        self.ensure(study_id)
+        made = self._make(study_id)
+        if made is not None:
+            return made
         path = self.studies_dir / study_id / FULL_ORIGINAL_NAME
         if not path.is_file():
             return None
         with Image.open(path) as image:
             return np.asarray(image.convert("L"))
+
+    def _make(self, study_id: str) -> np.ndarray | None:
+        """Decode and cache the original if it is not cached yet; returns what it decoded (None when
+        the cache existed or the source cannot be read)."""
+        target = self.studies_dir / study_id / FULL_ORIGINAL_NAME
+        source = self.sources.get(study_id)
+        if target.is_file() or source is None or not source.is_file():
+            return None
+        with self._lock:
+            if target.is_file():  # another request made it while this one waited
+                return None
+            try:
+                grey = full_original_grey(source, self.voi)
+                atomic_write_bytes(target, png_bytes(Image.fromarray(grey, "L")))
+                return grey
+            except (RadiographReadError, OSError) as err:
+                reason = err.reason if isinstance(err, RadiographReadError) else type(err).__name__
+                log.warning("study %s: full-resolution original not available (%s)", study_id, reason)
+                return None
