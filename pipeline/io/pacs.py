@@ -201,8 +201,13 @@ class DimsePacs:
         self._find_model = StudyRootQueryRetrieveInformationModelFind
         self._assoc = ae.associate(parts.hostname, port, ae_title=called)
         if not self._assoc.is_established:
-            why = "was rejected: check both AE titles" if self._assoc.is_rejected else \
-                "was aborted" if self._assoc.is_aborted else "got no answer"
+            # A PACS that refuses a caller sends A-ASSOCIATE-RJ and closes the socket at once; on a
+            # busy machine pynetdicom can see the close before it reads the RJ and reports an abort
+            # instead. Either way the likely cause is the same, so both say what to check.
+            why = "was rejected" if self._assoc.is_rejected else \
+                "was aborted during negotiation" if self._assoc.is_aborted else "got no answer"
+            if self._assoc.is_rejected or self._assoc.is_aborted:
+                why += ": check both AE titles and that the PACS accepts this caller"
             raise UserError(f"{url}: association with {self._where} as {calling_aet} -> {called} {why}")
 
     def _lost(self) -> UserError:
