@@ -1,6 +1,12 @@
 """Faithfulness against the field (issue 12): SimpleBits vs blur at matched bpd, IG, occlusion, Grad-CAM
 and latent shift, on a demo cohort with ground truth that can tell them apart.
 
+``--task effusion`` (default) or ``--task sex``: the classifiers' task, which the devices follow in
+training; the task's own sign is the fluid (effusion) or the breasts (sex, M positive: the demo
+cohort's only sex sign is the breast shadow over the lung bases). Its rows are named after it
+(``rma_fluid`` or ``rma_breast``, ``R_effusion`` or ``R_breast``), and a sex table is written as
+``faithfulness_<preset>_sex.csv``.
+
 For every contamination level L and seed s the script builds one *run*, each step a ``simplebits``
 subprocess writing into the kept ``--work`` folder (a finished step is skipped on a re-run, so a killed
 benchmark resumes where it stopped):
@@ -8,9 +14,9 @@ benchmark resumes where it stopped):
 1. ``demo-cohort``: the fine-detail cohort: small effusions (50-300 mL), a chest drain and ECG leads
    rendered in 3D, counterfactual renders without each feature; in train P(device | positive) = L
    (mirror rate for negatives), val/test at the base rate 0.5 (device independent of the label);
-2. ``ingest``, ``classify train`` (effusion, seed s);
+2. ``ingest``, ``classify train`` (the task, seed s);
 3. ``reliance`` on the test split: the true reliance R = mean |P(x) - P(x without X)| for X = each
-   device and the effusion;
+   device, the effusion and the breasts;
 4. ``explain`` (test split): IG, occlusion, Grad-CAM, latent shift (in the Glow prior's latent space);
 5. ``simplify audit`` per simplifier form (``--forms``; ``scale_space`` is the default form,
    ``logit`` the paper's logit residual): the SimpleBits audit of the classifier, its simplified
@@ -30,14 +36,16 @@ feature is the map's RMA.
 
 Scores, over the test studies of every run:
 
-- localisation: relevance mass accuracy (RMA) and area-matched IoU on the fluid mask (positives) and
+- localisation: relevance mass accuracy (RMA) and area-matched IoU on the finding's mask (the studies
+  where it is visible: effusion positives, studies with breasts) and
   on the device mask (union of drain and ECG, studies with a device);
 - emphasis on a feature, per run: saliency maps: mean RMA on the feature's mask over the studies that
   have it; simplifiers: the ground-truth retention, i.e. the local contrast kept inside the mask
-  (``distractor_retention`` of the audit; ``sign_retention`` for the fluid), the map's RMA beside it
+  (``distractor_retention`` of the audit; ``sign_retention`` for the fluid or breasts against the rest
+  of the lung field), the map's RMA beside it
   (``*_map`` columns);
 - reliance tracking: Spearman between the emphasis and R across runs (levels x seeds), per device,
-  pooled over both devices, and for the effusion (NaN with fewer than 3 points);
+  pooled over both devices, and for the finding (NaN with fewer than 3 points);
 - sanity (MPRT-style, full randomisation): mean over test studies of the Spearman rank correlation
   between the trained and the randomised classifier's map (1 = the explanation ignores the model);
 - cost: seconds per test study. Saliency maps: explain's own timing per batch. SimpleBits: the whole
@@ -85,6 +93,19 @@ CLI = [sys.executable, "-m", "pipeline.cli"]
 RESULTS = ROOT / "benchmarks" / "results"
 DEVICES = ("chest_drain", "ecg")
 SALIENCY = ("ig", "occlusion", "gradcam", "latent_shift")
+
+
+@dataclass(frozen=True)
+class Finding:
+    """The task's own sign: its name in ``reliance.csv`` (counterfactual ``no_<feature>``) and its mask."""
+
+    feature: str
+    mask: str
+
+
+# effusion: the fluid (its retention is the fluid-vs-lung contrast kept); sex (M positive): the
+# breasts, whose shadow over the lung bases is the demo cohort's only sex sign (breast-vs-lung contrast)
+FINDINGS = {"effusion": Finding("effusion", "fluid"), "sex": Finding("breast", "breast")}
 DETAIL_SIGMA_AT_64 = 2.0
 
 
@@ -199,18 +220,19 @@ class Run:
         return f"L{self.level:g}_s{self.seed}"
 
 
-def build_run(run: Run, preset: Preset, prior: str | None, device: str) -> None:
+def build_run(run: Run, preset: Preset, prior: str | None, device: str, task: str) -> None:
     f, logs, done = run.folder, run.folder / "logs", run.folder / "done"
     cohort, ingest, classifier = f / "cohort", f / "ingest", f / "classifier" / "model.safetensors"
     prior_args = ["--prior", prior] if prior else []
     step("demo-cohort", [*CLI, "demo-cohort", "--n", str(preset.n), "--size", str(preset.size),
                          "--seed", str(run.seed), "--out", str(cohort), "--devices", ",".join(DEVICES),
                          "--device-contamination", str(run.level), "--effusion-volume", "50", "300",
-                         "--counterfactuals", "--set", f"split_fractions={preset.split_fractions}"],
+                         "--counterfactuals", "--set", f"split_fractions={preset.split_fractions}",
+                         "--set", f"devices.follows={task}"],
          done / "demo-cohort", logs)
     step("ingest", [*CLI, "ingest", "--manifest", str(cohort / "manifest.csv"), "--out", str(ingest),
                     "--size", str(preset.size)], done / "ingest", logs)
-    step("classify", [*CLI, "classify", "train", "--ingest", str(ingest), "--task", "effusion",
+    step("classify", [*CLI, "classify", "train", "--ingest", str(ingest), "--task", task,
                       "--out", str(classifier.parent), *sets([f"seed={run.seed}", f"device={device}",
                                                               *preset.classify])],
          done / "classify", logs)
@@ -230,7 +252,8 @@ def build_run(run: Run, preset: Preset, prior: str | None, device: str) -> None:
         for form in preset.forms:
             name = f"audit-{form}{suffix}"
             run.seconds[name] = step(
-                name, [*CLI, "simplify", "audit", "--ingest", str(ingest), "--classifier", str(weights),
+                name, [*CLI, "simplify", "audit", "--ingest", str(ingest), "--task", task,
+                       "--classifier", str(weights),
                        *prior_args, "--masks", str(cohort / "masks"), "--out", str(f / name),
                        *sets([f"seed={run.seed}", f"device={device}", f"simplifier.mode={form}",
                               *preset.audit])],
@@ -242,12 +265,12 @@ def build_run(run: Run, preset: Preset, prior: str | None, device: str) -> None:
 
 
 def study_masks(mask_path: Path, size: int) -> dict[str, np.ndarray]:
-    """fluid, lung, chest_drain, ecg and their device union at working ``size`` (bool)."""
+    """fluid, lung, breast, chest_drain, ecg and their device union at working ``size`` (bool)."""
     from pipeline.data.transforms import to_working_resolution
 
     out = {}
     with np.load(mask_path, allow_pickle=False) as data:
-        for key in ("fluid", "lung", *DEVICES, "devices"):
+        for key in ("fluid", "lung", "breast", *DEVICES, "devices"):
             if f"{key}_{size}" in data.files:  # device masks rendered at the working size
                 out[key] = data[f"{key}_{size}"].astype(bool)
             elif key in data.files:
@@ -280,7 +303,7 @@ def blur_images(run: Run, form: str, suffix: str, originals, target_bpd: float, 
     return images, seconds
 
 
-def score_run(run: Run, preset: Preset, prior) -> tuple[pd.DataFrame, dict[str, float], pd.DataFrame]:
+def score_run(run: Run, preset: Preset, prior, task: str) -> tuple[pd.DataFrame, dict[str, float], pd.DataFrame]:
     """Per (method, test study) scores, seconds per study per method, and the reliance summary."""
     from pipeline.data.demo.reliance import summarise_reliance
     from pipeline.data.ingest import load_cohort
@@ -290,8 +313,9 @@ def score_run(run: Run, preset: Preset, prior) -> tuple[pd.DataFrame, dict[str, 
     from pipeline.simplebits.evaluate import distractor_retention, sign_retention
 
     f = run.folder
-    cohort = load_cohort(f / "ingest", split="test", task="effusion")
-    ids, labels = cohort.study_ids, cohort.labels("effusion").numpy()
+    finding = FINDINGS[task].mask
+    cohort = load_cohort(f / "ingest", split="test", task=task)
+    ids, labels = cohort.study_ids, cohort.labels(task).numpy()
     originals = cohort.images.load()
     x = originals[:, 0].numpy().astype(np.float64) / 255.0
     sigma = DETAIL_SIGMA_AT_64 * preset.size / 64
@@ -343,16 +367,17 @@ def score_run(run: Run, preset: Preset, prior) -> tuple[pd.DataFrame, dict[str, 
         for i, sid in enumerate(ids):
             a, m = by_suffix[""][i], masks[i]
             row = {"run": run.name, "level": run.level, "seed": run.seed, "method": method, "study_id": sid,
-                   "label": int(labels[i]), **{f"has_{k}": bool(m[k].any()) for k in ("fluid", *DEVICES, "devices")}}
-            for key in ("fluid", "devices", *DEVICES):
+                   "label": int(labels[i]), **{f"has_{k}": bool(m[k].any()) for k in (finding, *DEVICES, "devices")}}
+            for key in (finding, "devices", *DEVICES):
                 row[f"rma_{key}"] = relevance_mass_accuracy(a, m[key]) if m[key].any() else math.nan
                 row[f"iou_{key}"] = area_matched_iou(a, m[key]) if m[key].any() else math.nan
             if method in images:  # a simplifier: ground-truth retention (kept contrast in the mask)
                 out = images[method][i]
                 for key in DEVICES:
                     row[f"retention_{key}"] = distractor_retention(x[i], out, m[key]) if m[key].any() else math.nan
-                row["retention_fluid"] = (sign_retention(x[i], out, m["fluid"], m["lung"]) if m["fluid"].any()
-                                          else math.nan)
+                # the finding's contrast against the rest of the lung field, kept
+                row[f"retention_{finding}"] = (sign_retention(x[i], out, m[finding], m["lung"]) if m[finding].any()
+                                               else math.nan)
             if "-random" in by_suffix:
                 row["sanity_rank_correlation"] = map_rank_correlation(a, by_suffix["-random"][i])
             rows.append(row)
@@ -364,7 +389,7 @@ def score_run(run: Run, preset: Preset, prior) -> tuple[pd.DataFrame, dict[str, 
 # The table
 
 
-def emphasis_points(per_study: pd.DataFrame, reliance: dict[str, pd.DataFrame]) -> pd.DataFrame:
+def emphasis_points(per_study: pd.DataFrame, reliance: dict[str, pd.DataFrame], finding: Finding) -> pd.DataFrame:
     """One row per (run, method): R and the emphasis on each feature (the tracking points)."""
     from pipeline.explain.faithfulness import finite_mean
 
@@ -372,7 +397,7 @@ def emphasis_points(per_study: pd.DataFrame, reliance: dict[str, pd.DataFrame]) 
     for (run, method), g in per_study.groupby(["run", "method"], sort=False):
         r = reliance[run].set_index("feature")["reliance"]
         row = {"run": run, "level": g["level"].iloc[0], "seed": g["seed"].iloc[0], "method": method}
-        for feature, mask in (*((d, d) for d in DEVICES), ("effusion", "fluid")):
+        for feature, mask in (*((d, d) for d in DEVICES), (finding.feature, finding.mask)):
             have = g[f"has_{mask}"].to_numpy(dtype=bool)
             row[f"R_{feature}"] = float(r.get(feature, math.nan))
             row[f"emphasis_{feature}_map"] = finite_mean(g.loc[have, f"rma_{mask}"])
@@ -384,7 +409,8 @@ def emphasis_points(per_study: pd.DataFrame, reliance: dict[str, pd.DataFrame]) 
     return pd.DataFrame(rows)
 
 
-def summary_table(per_study: pd.DataFrame, points: pd.DataFrame, seconds: dict[str, list[float]]) -> pd.DataFrame:
+def summary_table(per_study: pd.DataFrame, points: pd.DataFrame, seconds: dict[str, list[float]],
+                  finding: Finding) -> pd.DataFrame:
     from pipeline.explain.faithfulness import finite_mean, tracking_spearman
 
     sanity_runs = (per_study.loc[per_study["sanity_rank_correlation"].notna(), "run"].unique()
@@ -392,12 +418,13 @@ def summary_table(per_study: pd.DataFrame, points: pd.DataFrame, seconds: dict[s
     rows = []
     for method, g in per_study.groupby("method", sort=False):
         p = points[points["method"] == method]
-        positives = g[g["label"] == 1]
+        shown = g[g[f"has_{finding.mask}"]]  # studies where the finding is visible (effusion: positives)
         row = {"method": method, "n_runs": p["run"].nunique(), "n_test_studies": len(g),
-               "rma_fluid": finite_mean(positives["rma_fluid"]), "iou_fluid": finite_mean(positives["iou_fluid"]),
+               f"rma_{finding.mask}": finite_mean(shown[f"rma_{finding.mask}"]),
+               f"iou_{finding.mask}": finite_mean(shown[f"iou_{finding.mask}"]),
                "rma_device": finite_mean(g["rma_devices"]), "iou_device": finite_mean(g["iou_devices"])}
         for suffix in ("", "_map"):
-            for feature in (*DEVICES, "effusion"):
+            for feature in (*DEVICES, finding.feature):
                 rho, n = tracking_spearman(p[f"emphasis_{feature}{suffix}"], p[f"R_{feature}"])
                 row[f"tracking_{feature}{suffix}"], row[f"tracking_n_{feature}"] = rho, n
             emphasis = np.concatenate([p[f"emphasis_{d}{suffix}"] for d in DEVICES])
@@ -417,22 +444,24 @@ def summary_table(per_study: pd.DataFrame, points: pd.DataFrame, seconds: dict[s
     return pd.DataFrame(rows)
 
 
-def print_table(table: pd.DataFrame, points: pd.DataFrame) -> None:
+def print_table(table: pd.DataFrame, points: pd.DataFrame, finding: Finding) -> None:
     def cell(v: float) -> str:
         return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.3f}"
 
     print("\nreliance R per run (test split): " + "; ".join(
-        f"{r.run}: drain {r.R_chest_drain:.3f}, ecg {r.R_ecg:.3f}, effusion {r.R_effusion:.3f}"
-        for r in points.drop_duplicates("run").itertuples()))
-    head = (f"{'method':<32} {'RMA fl':>7} {'IoU fl':>7} {'RMA dev':>7} {'IoU dev':>7} {'trk drn':>7} "
-            f"{'trk ecg':>7} {'trk pool':>8} {'trk eff':>7} {'sanity':>7} {'def/n':>7} {'s/study':>8}")
+        f"{r['run']}: drain {r['R_chest_drain']:.3f}, ecg {r['R_ecg']:.3f}, "
+        f"{finding.feature} {r[f'R_{finding.feature}']:.3f}"
+        for _, r in points.drop_duplicates("run").iterrows()))
+    short = finding.mask[:3]
+    head = (f"{'method':<32} {'RMA ' + short:>7} {'IoU ' + short:>7} {'RMA dev':>7} {'IoU dev':>7} {'trk drn':>7} "
+            f"{'trk ecg':>7} {'trk pool':>8} {'trk ' + short:>7} {'sanity':>7} {'def/n':>7} {'s/study':>8}")
     print(head + "\n" + "-" * len(head))
-    for r in table.itertuples():
-        print(f"{r.method:<32} {cell(r.rma_fluid):>7} {cell(r.iou_fluid):>7} {cell(r.rma_device):>7} "
-              f"{cell(r.iou_device):>7} {cell(r.tracking_chest_drain):>7} {cell(r.tracking_ecg):>7} "
-              f"{cell(r.tracking_devices_pooled):>8} {cell(r.tracking_effusion):>7} "
-              f"{cell(r.sanity_rank_correlation):>7} {r.sanity_n_defined:>3}/{r.sanity_n_studies:<3} "
-              f"{cell(r.seconds_per_study):>8}")
+    for _, r in table.iterrows():
+        print(f"{r.method:<32} {cell(r[f'rma_{finding.mask}']):>7} {cell(r[f'iou_{finding.mask}']):>7} "
+              f"{cell(r.rma_device):>7} {cell(r.iou_device):>7} {cell(r.tracking_chest_drain):>7} "
+              f"{cell(r.tracking_ecg):>7} {cell(r.tracking_devices_pooled):>8} "
+              f"{cell(r[f'tracking_{finding.feature}']):>7} {cell(r.sanity_rank_correlation):>7} "
+              f"{r.sanity_n_defined:>3}/{r.sanity_n_studies:<3} {cell(r.seconds_per_study):>8}")
     n = table.iloc[0]
     print(f"tracking points: {n.tracking_n_chest_drain} runs per device, {n.tracking_n_devices_pooled} pooled "
           "(Spearman NaN below 3 points; the pooled one mixes the two devices' scales, read the per-device "
@@ -444,6 +473,8 @@ def print_table(table: pd.DataFrame, points: pd.DataFrame) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=sorted(PRESETS), default="quick")
+    parser.add_argument("--task", choices=sorted(FINDINGS), default="effusion",
+                        help="the classifiers' task; the devices follow its label in training (default effusion)")
     parser.add_argument("--work", type=Path, required=True, help="working folder, kept (re-runs resume)")
     parser.add_argument("--prior", help="Glow prior .safetensors (default: the shipped one)")
     parser.add_argument("--device", default="cpu", help="cpu | cuda | auto for every step")
@@ -457,6 +488,12 @@ def main() -> None:
     preset = replace(preset, **{k: tuple(v) for k, v in (("levels", args.levels), ("seeds", args.seeds),
                                                          ("forms", args.forms)) if v})
     args.work.mkdir(parents=True, exist_ok=True)
+    # a work folder holds one task's runs (its steps are cached by name)
+    marker = args.work / "task.txt"
+    if marker.is_file() and marker.read_text().strip() != args.task:
+        raise SystemExit(f"{args.work} holds the {marker.read_text().strip()} benchmark; use another --work for {args.task}")
+    marker.write_text(args.task + "\n")
+    finding = FINDINGS[args.task]
     start = time.perf_counter()
 
     runs = [Run(level, seed, args.work / f"L{level:g}_s{seed}", False)
@@ -465,7 +502,7 @@ def main() -> None:
         run.sanity = True
     for run in runs:
         print(f"== run {run.name}", flush=True)
-        build_run(run, preset, args.prior, args.device)
+        build_run(run, preset, args.prior, args.device, args.task)
 
     import torch
 
@@ -475,22 +512,22 @@ def main() -> None:
     prior = load_prior(args.prior)
     frames, reliance, seconds = [], {}, {}
     for run in runs:
-        per_study, run_seconds, run_reliance = score_run(run, preset, prior)
+        per_study, run_seconds, run_reliance = score_run(run, preset, prior, args.task)
         frames.append(per_study)
         reliance[run.name] = run_reliance
         for method, value in run_seconds.items():
             seconds.setdefault(method, []).append(value)
     per_study = pd.concat(frames, ignore_index=True)
-    points = emphasis_points(per_study, reliance)
-    table = summary_table(per_study, points, seconds)
+    points = emphasis_points(per_study, reliance, finding)
+    table = summary_table(per_study, points, seconds, finding)
     table.insert(0, "preset", args.preset)
 
-    out = args.out or RESULTS / f"faithfulness_{args.preset}.csv"
+    out = args.out or RESULTS / f"faithfulness_{args.preset}{'' if args.task == 'effusion' else '_' + args.task}.csv"
     out.parent.mkdir(parents=True, exist_ok=True)
     table.to_csv(out, index=False, float_format="%.4f")
     points.to_csv(out.with_name(out.stem + "_points.csv"), index=False, float_format="%.4f")
     per_study.to_csv(args.work / "per_study.csv", index=False, float_format="%.4f")
-    print_table(table, points)
+    print_table(table, points, finding)
     print(f"\nwrote {out} and {out.with_name(out.stem + '_points.csv')} "
           f"({time.perf_counter() - start:.0f} s in this invocation)")
 

@@ -16,8 +16,8 @@ Options (all off by default; the default cohort's files do not change with them)
   the union ``devices``); presence per study in ``ground_truth.csv`` (one column per kind) and in the
   manifest's ``support_devices`` (any device or burned-in mark). ``devices.contamination`` makes them
   follow the label in the train split only.
-- ``counterfactuals``: every study also rendered without each of its devices and without its
-  effusion, ``counterfactuals/no_<feature>/<study_id>.dcm``, same acquisition and noise (see
+- ``counterfactuals``: every study also rendered without each of its devices, without its
+  effusion and without its breasts (the sex task's sign), ``counterfactuals/no_<feature>/<study_id>.dcm``, same acquisition and noise (see
   :func:`pipeline.data.demo.render.detect_coupled`); :mod:`.reliance` scores a classifier on them.
 - ``effusion.volume_ml``: e.g. ``(50, 300)`` for the fine-detail cohort, where the only sign is a
   blunted costophrenic angle or a thin meniscus.
@@ -367,7 +367,7 @@ class DemoScene:
         ct, thresholds = self.ct, self.config.render.mask_threshold_mm
         clouds = {kind: build_device(kind, self.anchors_for_devices, plan.device_params)
                   for kind in plan.devices}
-        projected = self._project(plan, clouds, effusion=True)
+        projected = self._project(plan, clouds)
 
         rng = np.random.default_rng([self.config.seed, 2, plan.index])
         # One in-plane deformation for the image and its masks, so they stay registered.
@@ -402,10 +402,15 @@ class DemoScene:
                 for kind in excess:
                     others = sum((v for k, v in excess.items() if k != kind), np.zeros_like(base))
                     counterfactuals[f"no_{kind}"] = variant(base + others)
+                def without(**feature: bool) -> tuple[np.ndarray, np.ndarray]:
+                    other = self._project(plan, clouds, **feature)
+                    return variant(warp(other.line_integral, displacement) + sum(
+                        (warp(v, displacement) for v in other.device_excess.values()), np.zeros_like(base)))
+
                 if plan.effusion:
-                    dry = self._project(plan, clouds, effusion=False)
-                    counterfactuals["no_effusion"] = variant(warp(dry.line_integral, displacement) + sum(
-                        (warp(v, displacement) for v in dry.device_excess.values()), np.zeros_like(base)))
+                    counterfactuals["no_effusion"] = without(effusion=False)
+                if projected.breast_points:  # the sex task's anatomical sign (male breasts can be nil)
+                    counterfactuals["no_breast"] = without(breast=False)
 
         voxel = (ct.spacing[2], ct.spacing[0])
         thickness = {
@@ -436,9 +441,10 @@ class DemoScene:
         return _device_anchors(inplane_voxels_for(self.config.size), self.config.render.bone_multiplier,
                                self.config.cache_dir)
 
-    def _project(self, plan: StudyPlan, clouds: dict[str, DeviceCloud], effusion: bool) -> _Projection:
-        """Line integral of the study's volume (with or without its effusion) and, read from that same
-        volume, each device's excess attenuation splatted onto the detector."""
+    def _project(self, plan: StudyPlan, clouds: dict[str, DeviceCloud], effusion: bool = True,
+                 breast: bool = True) -> _Projection:
+        """Line integral of the study's volume (with or without its effusion and its breasts) and, read
+        from that same volume, each device's excess attenuation splatted onto the detector."""
         ct, volume = self.ct, self.volume
         edited: list[tuple[slice, ...]] = []
         fluid_points, fluid_weights = [], []
@@ -454,8 +460,9 @@ class DemoScene:
                     fluid_points.append(points)
                     fluid_weights.append(weights)
             breast_points, breast_weights = [], []
-            for edit in breast_edits(ct, self.anchors, plan.breast_size, plan.breast_offset_mm,
-                                     plan.breast_asymmetry):
+            edits = breast_edits(ct, self.anchors, plan.breast_size, plan.breast_offset_mm,
+                                 plan.breast_asymmetry) if breast else []
+            for edit in edits:
                 self._blend(edit.box, edit.fraction, BREAST_ATTENUATION)
                 edited.append(edit.box)
                 points, weights = _box_sources(ct, edit.box, edit.fraction)
@@ -588,7 +595,7 @@ def write_study(out_dir: Path, plan: StudyPlan, rendered: RenderedStudy) -> None
 
 
 def counterfactual_path(out_dir: Path, name: str, study_id: str) -> Path:
-    """``counterfactuals/<name>/<study_id>.dcm``; ``name`` is ``no_<device kind>`` or ``no_effusion``."""
+    """``counterfactuals/<name>/<study_id>.dcm``; ``name`` is ``no_<device kind>``, ``no_effusion`` or ``no_breast``."""
     return Path(out_dir) / COUNTERFACTUALS_DIR / name / f"{study_id}.dcm"
 
 

@@ -1,7 +1,7 @@
-"""Contact sheet of demo studies with and without each feature (device, effusion), with mask outlines.
+"""Contact sheet of demo studies with and without each feature (device, effusion, breasts), with mask outlines.
 
-One row per study: the study as rendered; the study without each of its devices and without its
-effusion (the counterfactual renders, same acquisition and noise); and the study again with the
+One row per study: the study as rendered; the study without each of its devices, without its
+effusion and without its breasts (the counterfactual renders, same acquisition and noise); and the study again with the
 outline of every feature's mask (devices in colour, fluid in cyan). The point is to look: is the
 drain a striped tube entering the chest wall, are the electrodes electrodes, is a small effusion only
 a blunted angle?

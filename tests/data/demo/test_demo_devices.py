@@ -41,7 +41,8 @@ def test_device_renders_are_deterministic(rendered):
     assert np.array_equal(first.display, second.display) and np.array_equal(first.log_image, second.log_image)
     assert first.masks.keys() == second.masks.keys()
     assert all(np.array_equal(first.masks[k], second.masks[k]) for k in first.masks)
-    expected = {f"no_{k}" for k in DEVICE_KINDS} | ({"no_effusion"} if plan.effusion else set())
+    expected = ({f"no_{k}" for k in DEVICE_KINDS} | ({"no_effusion"} if plan.effusion else set())
+                | ({"no_breast"} if first.masks["breast"].any() else set()))
     assert set(first.counterfactuals) == expected
     for name, (display, log_image) in first.counterfactuals.items():
         assert np.array_equal(display, second.counterfactuals[name][0])
@@ -153,7 +154,8 @@ def test_reliance_is_zero_for_a_blind_classifier_and_positive_for_one_that_sees_
 
     seeing = summarise_reliance(reliance_table(cohort, tmp_path / "ingest", _MeanBrightness(), split=None))
     blind = summarise_reliance(reliance_table(cohort, tmp_path / "ingest", _Blind(), split=None))
-    assert set(seeing.feature) == {"ecg", "pacemaker"} | ({"effusion"} if truth.effusion.any() else set())
+    assert set(seeing.feature) == ({"ecg", "pacemaker"} | ({"effusion"} if truth.effusion.any() else set())
+                                   | ({"breast"} if truth.breast_size.gt(0).any() else set()))
     assert (blind.reliance == 0).all()
     devices = seeing.set_index("feature").loc[["ecg", "pacemaker"]]
     assert (devices.n == 3).all()
@@ -179,12 +181,27 @@ def test_effusion_counterfactual_removes_only_the_fluid():
     plan = next(p for p in plan_cohort(config) if p.effusion)
     assert 50 <= max(plan.volume_left_ml, plan.volume_right_ml) <= 300
     study = DemoScene(config).render(plan)
-    assert set(study.counterfactuals) == {"no_effusion"}
+    assert "no_effusion" in study.counterfactuals and not any(k in study.counterfactuals for k in DEVICE_KINDS)
     difference = np.abs(study.log_image - study.counterfactuals["no_effusion"][1])
     near = ndimage.binary_dilation(study.masks["fluid"], iterations=3)
     visible = difference > 0.02
     assert visible.sum() > 5  # there is a sign ...
     assert (visible & near).sum() >= 0.9 * visible.sum()  # ... where the fluid is
+    assert difference[~near].max() < 0.05
+
+
+def test_breast_counterfactual_removes_only_the_breasts():
+    """The sex task's sign: a female study rendered without its breasts differs from it near the
+    breast mask (threshold 5 mm of tissue; the thinner margin changes the image a little)."""
+    config = DemoCohortConfig(n=12, size=64, seed=1, counterfactuals=True, render={"n_points": 48, "device": "cpu"})
+    plan = max((p for p in plan_cohort(config) if p.sex == "F"), key=lambda p: p.breast_size)
+    study = DemoScene(config).render(plan)
+    assert "no_breast" in study.counterfactuals and study.masks["breast"].any()
+    difference = np.abs(study.log_image - study.counterfactuals["no_breast"][1])
+    near = ndimage.binary_dilation(study.masks["breast"], iterations=3)
+    visible = difference > 0.02
+    assert visible.sum() > 20
+    assert (visible & near).sum() >= 0.9 * visible.sum()
     assert difference[~near].max() < 0.05
 
 
