@@ -2,7 +2,7 @@
 
 One row per study: the study as rendered; the study without each of its devices, without its
 effusion and without its breasts (the counterfactual renders, same acquisition and noise); and the study again with the
-outline of every feature's mask (devices in colour, fluid in cyan). The point is to look: is the
+outline of every feature's mask (devices in colour, fluid in cyan, breasts in magenta). The point is to look: is the
 drain a striped tube entering the chest wall, are the electrodes electrodes, is a small effusion only
 a blunted angle?
 """
@@ -15,7 +15,8 @@ import numpy as np
 
 from pipeline.data.demo.cohort import DemoCohortConfig, DemoScene, StudyPlan, plan_cohort
 
-OUTLINE_COLOURS = {"chest_drain": "tab:red", "ecg": "tab:orange", "pacemaker": "tab:purple", "fluid": "cyan"}
+OUTLINE_COLOURS = {"chest_drain": "tab:red", "ecg": "tab:orange", "pacemaker": "tab:purple", "fluid": "cyan",
+                   "breast": "magenta"}
 
 
 def pick_studies(plans: list[StudyPlan], count: int) -> list[StudyPlan]:
@@ -41,8 +42,8 @@ def write_contact_sheet(config: DemoCohortConfig, out_png: str | Path, count: in
     fig, axes = plt.subplots(len(plans), len(columns), figsize=(2.6 * len(columns), 2.8 * len(plans)),
                              squeeze=False)
     for row, (plan, study) in enumerate(zip(plans, rendered)):
-        features = [*plan.devices, *([f"effusion L{plan.volume_left_ml:.0f}/R{plan.volume_right_ml:.0f} mL"]
-                                     if plan.effusion else [])]
+        features = [plan.sex, *plan.devices,
+                    *([f"effusion L{plan.volume_left_ml:.0f}/R{plan.volume_right_ml:.0f} mL"] if plan.effusion else [])]
         images = {"study": study.display, "masks": study.display,
                   **{name: display for name, (display, _) in study.counterfactuals.items()}}
         for col, name in enumerate(columns):
@@ -53,7 +54,7 @@ def write_contact_sheet(config: DemoCohortConfig, out_png: str | Path, count: in
             ax.imshow(images[name], cmap="gray", vmin=0, vmax=1, interpolation="nearest")
             title = name if row == 0 or name != "study" else ""
             if name == "study":
-                title = ", ".join(features) or "no feature"
+                title = ", ".join(features)
             ax.set_title(title, fontsize=7)
             if name == "masks":
                 for key, colour in OUTLINE_COLOURS.items():
@@ -61,7 +62,7 @@ def write_contact_sheet(config: DemoCohortConfig, out_png: str | Path, count: in
                     if mask is not None and mask.any():
                         ax.contour(mask.astype(float), levels=[0.5], colors=colour, linewidths=0.6)
     fig.suptitle(f"demo cohort, {config.size} px: study | without each feature | mask outlines "
-                 "(drain red, ECG orange, pacemaker purple, fluid cyan)", fontsize=9)
+                 "(drain red, ECG orange, pacemaker purple, fluid cyan, breast magenta)", fontsize=9)
     fig.tight_layout()
     out_png = Path(out_png)
     out_png.parent.mkdir(parents=True, exist_ok=True)
