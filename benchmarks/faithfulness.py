@@ -31,8 +31,10 @@ Maps. Saliency maps are scored as relevance ``|A|``. SimpleBits, blur and the or
 ``|x̃ - G_σ x̃|`` with σ = 2 px at 64 px (pipeline/explain/faithfulness.py says why this and not
 ``|x - x̃|``, which marks what was removed, i.e. what the classifier did *not* need). The
 ``<method>/relative`` rows divide that by the original's own detail (``relative_detail_map``: the
-share of the local detail kept), which takes the anatomy's edges out of the map; their emphasis on a
-feature is the map's RMA.
+share of the local detail kept), which takes the anatomy's edges out of the map; the
+``<audit>/beyond_blur`` rows keep only the detail the audit holds beyond blur at its own bpd
+(``detail_beyond``: what a classifier-blind rewrite at the same bits would have lost). Their emphasis
+on a feature is the map's RMA.
 
 Scores, over the test studies of every run:
 
@@ -308,7 +310,7 @@ def score_run(run: Run, preset: Preset, prior, task: str) -> tuple[pd.DataFrame,
     from pipeline.data.demo.reliance import summarise_reliance
     from pipeline.data.ingest import load_cohort
     from pipeline.data.store import CohortStore, StoredImages
-    from pipeline.explain.faithfulness import detail_share, kept_detail_map, map_rank_correlation
+    from pipeline.explain.faithfulness import detail_beyond, detail_share, kept_detail_map, map_rank_correlation
     from pipeline.explain.localisation import area_matched_iou, relevance_mass_accuracy
     from pipeline.simplebits.evaluate import distractor_retention, sign_retention
 
@@ -346,6 +348,7 @@ def score_run(run: Run, preset: Preset, prior, task: str) -> tuple[pd.DataFrame,
         audit = f"simplebits_{form}"
         blur = f"blur@{form}"
         maps[audit], maps[blur], maps[f"{audit}/relative"], maps[f"{blur}/relative"] = {}, {}, {}, {}
+        maps[f"{audit}/beyond_blur"] = {}
         for s in suffixes:
             simple = simplified(s, form)
             blurred, blur_seconds = blur_images(run, form, s, originals, test_bpd(s, form), prior)
@@ -356,6 +359,10 @@ def score_run(run: Run, preset: Preset, prior, task: str) -> tuple[pd.DataFrame,
             for method in (audit, blur):
                 maps[f"{method}/relative"][s] = [detail_share(kept, detail) for kept, detail
                                                  in zip(maps[method][s], maps["original"][""])]
+            # the detail the audit keeps beyond blur at its own bits (each classifier's audit against
+            # the blur matched to that audit): the part of the map the classifier caused
+            maps[f"{audit}/beyond_blur"][s] = [detail_beyond(kept, blurred_kept) for kept, blurred_kept
+                                               in zip(maps[audit][s], maps[blur][s])]
             if s == "":
                 images[audit], images[blur] = simple, blurred
                 n_simplified = len(pd.read_csv(f / f"audit-{form}" / "predictions.csv"))
@@ -431,7 +438,7 @@ def summary_table(per_study: pd.DataFrame, points: pd.DataFrame, seconds: dict[s
             rel = np.concatenate([p[f"R_{d}"] for d in DEVICES])
             row[f"tracking_devices_pooled{suffix}"], row["tracking_n_devices_pooled"] = tracking_spearman(emphasis, rel)
         row["emphasis_kind"] = ("retention (kept contrast in mask)" if method.startswith(("simplebits", "blur"))
-                                and not method.endswith("/relative") else "relevance mass accuracy")
+                                and "/" not in method else "relevance mass accuracy")
         sanity = g["sanity_rank_correlation"] if "sanity_rank_correlation" in g else pd.Series(dtype=float)
         row["sanity_rank_correlation"] = finite_mean(sanity)
         # studies of the sanity runs where the correlation is defined: a map that is constant for the
@@ -453,11 +460,11 @@ def print_table(table: pd.DataFrame, points: pd.DataFrame, finding: Finding) -> 
         f"{finding.feature} {r[f'R_{finding.feature}']:.3f}"
         for _, r in points.drop_duplicates("run").iterrows()))
     short = finding.mask[:3]
-    head = (f"{'method':<32} {'RMA ' + short:>7} {'IoU ' + short:>7} {'RMA dev':>7} {'IoU dev':>7} {'trk drn':>7} "
+    head = (f"{'method':<36} {'RMA ' + short:>7} {'IoU ' + short:>7} {'RMA dev':>7} {'IoU dev':>7} {'trk drn':>7} "
             f"{'trk ecg':>7} {'trk pool':>8} {'trk ' + short:>7} {'sanity':>7} {'def/n':>7} {'s/study':>8}")
     print(head + "\n" + "-" * len(head))
     for _, r in table.iterrows():
-        print(f"{r.method:<32} {cell(r[f'rma_{finding.mask}']):>7} {cell(r[f'iou_{finding.mask}']):>7} "
+        print(f"{r.method:<36} {cell(r[f'rma_{finding.mask}']):>7} {cell(r[f'iou_{finding.mask}']):>7} "
               f"{cell(r.rma_device):>7} {cell(r.iou_device):>7} {cell(r.tracking_chest_drain):>7} "
               f"{cell(r.tracking_ecg):>7} {cell(r.tracking_devices_pooled):>8} "
               f"{cell(r[f'tracking_{finding.feature}']):>7} {cell(r.sanity_rank_correlation):>7} "

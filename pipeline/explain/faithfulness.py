@@ -3,8 +3,8 @@
 Three things the localisation metrics (:mod:`pipeline.explain.localisation`) do not cover:
 
 - a **map for a simplifier** (SimpleBits, blur at matched bpd), so that it can be scored like a saliency
-  map: :func:`kept_detail_map`, and the same relative to the original's own detail,
-  :func:`relative_detail_map`;
+  map: :func:`kept_detail_map`, the same relative to the original's own detail,
+  :func:`relative_detail_map`, and the detail kept beyond blur at the same bits, :func:`detail_beyond`;
 - **reliance tracking**: a rank correlation between a method's emphasis on a feature and the
   classifier's measured reliance on it, across classifiers: :func:`tracking_spearman`;
 - the **model-randomisation sanity check** (Adebayo et al. 2018, MPRT): the rank correlation between
@@ -26,6 +26,11 @@ was 0.78). :func:`relative_detail_map` divides by the original's own detail, ``|
 + floor)``: the fraction of the local detail that survived, so that what is left is where the
 simplifier chose to keep more than elsewhere, which is what depends on the classifier. ``floor`` (the
 original's median detail) keeps flat regions, where both are near zero, from dominating.
+That still failed the sanity check (0.78): where detail is cheap to keep under the prior does not
+depend on the classifier. :func:`detail_beyond` subtracts a classifier-blind simplification at the
+same bits, blur matched to the audit's bpd: ``max(kept(x̃) − kept(blur), 0)`` is the detail the audit
+holds that a rewrite ignorant of the classifier would not, i.e. the part of the map that the
+classifier caused.
 For the scalar emphasis on a feature the benchmark uses the ground-truth retention of the audit
 (kept local contrast inside the mask, :func:`pipeline.simplebits.evaluate.distractor_retention`),
 and reports the map-based relevance mass accuracy beside it.
@@ -68,6 +73,16 @@ def detail_share(kept: np.ndarray, original_detail: np.ndarray) -> np.ndarray:
     """:func:`relative_detail_map` from the two kept-detail maps, for a caller that has them already."""
     floor = max(float(np.median(original_detail)), 1e-6)
     return np.asarray(kept, dtype=np.float64) / (original_detail + floor)
+
+
+def detail_beyond(kept: np.ndarray, reference_kept: np.ndarray) -> np.ndarray:
+    """``max(kept − reference_kept, 0)``: local detail a simplified image holds beyond a reference
+    simplification at the same bits (the benchmark's: blur matched to the audit's bpd); both are
+    :func:`kept_detail_map` outputs of the same shape."""
+    kept, reference_kept = np.asarray(kept, dtype=np.float64), np.asarray(reference_kept, dtype=np.float64)
+    if kept.shape != reference_kept.shape:
+        raise ValueError(f"maps differ in shape: {kept.shape} vs {reference_kept.shape}")
+    return np.maximum(kept - reference_kept, 0.0)
 
 
 def map_rank_correlation(a: np.ndarray, b: np.ndarray) -> float:

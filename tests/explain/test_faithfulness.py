@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from pipeline.explain.faithfulness import (
+    detail_beyond,
     finite_mean,
     kept_detail_map,
     map_rank_correlation,
@@ -86,3 +87,23 @@ def test_finite_mean():
     assert finite_mean([1.0, math.nan, 3.0]) == 2.0
     assert math.isnan(finite_mean([math.nan]))
     assert math.isnan(finite_mean([]))
+
+
+def test_detail_beyond_blur_marks_only_what_the_simplifier_kept_and_blur_lost():
+    from scipy import ndimage
+
+    image = np.full((32, 32), 0.5)
+    image[8, 4:28] = 1.0  # two thin lines: the simplifier keeps the first, blurs the second as blur does
+    image[24, 4:28] = 1.0
+    blurred = ndimage.gaussian_filter(image, 1.5)
+    simplified = blurred.copy()
+    simplified[6:11, :] = image[6:11, :]
+    beyond = detail_beyond(kept_detail_map(simplified), kept_detail_map(blurred))
+    assert beyond.min() >= 0 and beyond.shape == image.shape
+    first, second = np.zeros_like(image, dtype=bool), np.zeros_like(image, dtype=bool)
+    first[5:12, :], second[21:28, :] = True, True
+    assert beyond[second].max() < 1e-12  # kept as blur keeps it: nothing beyond
+    assert relevance_mass_accuracy(beyond, first) > 0.95
+    assert np.allclose(detail_beyond(kept_detail_map(blurred), kept_detail_map(blurred)), 0.0)
+    with pytest.raises(ValueError):
+        detail_beyond(beyond, beyond[:8])
