@@ -61,12 +61,14 @@ every contamination level (the demo cohort draws study i from (seed, i); contami
 train split only), so the runs of a seed differ only in what the classifier learnt.
 
 Commands (the quick preset took 22 minutes on 2 CPU cores shared with other jobs, load average ~10;
-the medium preset 35 minutes on 2 idle cores, and 8 more for ``--forms scale_space logit`` on top of
-it)::
+the medium preset 35 minutes on 2 idle cores, 8 more for ``--forms scale_space logit`` on top of it,
+27 more for a third seed with both forms; the sex table 51 minutes)::
 
     OMP_NUM_THREADS=2 .venv/bin/python benchmarks/faithfulness.py --preset quick --work /tmp/faith-quick
     OMP_NUM_THREADS=2 .venv/bin/python benchmarks/faithfulness.py --preset medium --work /tmp/faith-medium \
-        --forms scale_space logit
+        --seeds 0 1 2 --forms scale_space logit
+    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/faithfulness.py --preset medium --task sex \
+        --work /tmp/faith-sex --forms scale_space logit
     OMP_NUM_THREADS=16 .venv/bin/python benchmarks/faithfulness.py --preset full --work /data/faith-full \
         --device cuda
 
