@@ -17,8 +17,9 @@ Options (all off by default; the default cohort's files do not change with them)
   manifest's ``support_devices`` (any device or burned-in mark). ``devices.contamination`` makes them
   follow the label in the train split only.
 - ``counterfactuals``: every study also rendered without each of its devices, without its
-  effusion and without its breasts (the sex task's sign), ``counterfactuals/no_<feature>/<study_id>.dcm``, same acquisition and noise (see
-  :func:`pipeline.data.demo.render.detect_coupled`); :mod:`.reliance` scores a classifier on them.
+  effusion and without its breasts (the sex task's sign), ``counterfactuals/no_<feature>/<study_id>.dcm``,
+  same acquisition and noise (see :func:`pipeline.data.demo.render.detect_coupled`); :mod:`.reliance`
+  scores a classifier on them.
 - ``effusion.volume_ml``: e.g. ``(50, 300)`` for the fine-detail cohort, where the only sign is a
   blunted costophrenic angle or a thin meniscus.
 """
@@ -402,6 +403,7 @@ class DemoScene:
                 for kind in excess:
                     others = sum((v for k, v in excess.items() if k != kind), np.zeros_like(base))
                     counterfactuals[f"no_{kind}"] = variant(base + others)
+
                 def without(**feature: bool) -> tuple[np.ndarray, np.ndarray]:
                     other = self._project(plan, clouds, **feature)
                     return variant(warp(other.line_integral, displacement) + sum(
@@ -595,7 +597,8 @@ def write_study(out_dir: Path, plan: StudyPlan, rendered: RenderedStudy) -> None
 
 
 def counterfactual_path(out_dir: Path, name: str, study_id: str) -> Path:
-    """``counterfactuals/<name>/<study_id>.dcm``; ``name`` is ``no_<device kind>``, ``no_effusion`` or ``no_breast``."""
+    """``counterfactuals/<name>/<study_id>.dcm``; ``name`` is ``no_<device kind>``, ``no_effusion`` or
+    ``no_breast``."""
     return Path(out_dir) / COUNTERFACTUALS_DIR / name / f"{study_id}.dcm"
 
 

@@ -1,10 +1,11 @@
-"""Contact sheet of demo studies with and without each feature (device, effusion, breasts), with mask outlines.
+"""Contact sheet of demo studies with and without each feature (device, effusion, breasts), with mask
+outlines.
 
 One row per study: the study as rendered; the study without each of its devices, without its
-effusion and without its breasts (the counterfactual renders, same acquisition and noise); and the study again with the
-outline of every feature's mask (devices in colour, fluid in cyan, breasts in magenta). The point is to look: is the
-drain a striped tube entering the chest wall, are the electrodes electrodes, is a small effusion only
-a blunted angle?
+effusion and without its breasts (the counterfactual renders, same acquisition and noise); and the
+study again with the outline of every feature's mask (devices in colour, fluid in cyan, breasts in
+magenta). The point is to look: is the drain a striped tube entering the chest wall, are the
+electrodes electrodes, is a small effusion only a blunted angle, do the breasts shade the bases?
 """
 
 from __future__ import annotations
@@ -42,8 +43,8 @@ def write_contact_sheet(config: DemoCohortConfig, out_png: str | Path, count: in
     fig, axes = plt.subplots(len(plans), len(columns), figsize=(2.6 * len(columns), 2.8 * len(plans)),
                              squeeze=False)
     for row, (plan, study) in enumerate(zip(plans, rendered)):
-        features = [plan.sex, *plan.devices,
-                    *([f"effusion L{plan.volume_left_ml:.0f}/R{plan.volume_right_ml:.0f} mL"] if plan.effusion else [])]
+        effusion = f"effusion L{plan.volume_left_ml:.0f}/R{plan.volume_right_ml:.0f} mL"
+        features = [plan.sex, *plan.devices, *([effusion] if plan.effusion else [])]
         images = {"study": study.display, "masks": study.display,
                   **{name: display for name, (display, _) in study.counterfactuals.items()}}
         for col, name in enumerate(columns):

@@ -181,7 +181,8 @@ def test_effusion_counterfactual_removes_only_the_fluid():
     plan = next(p for p in plan_cohort(config) if p.effusion)
     assert 50 <= max(plan.volume_left_ml, plan.volume_right_ml) <= 300
     study = DemoScene(config).render(plan)
-    assert "no_effusion" in study.counterfactuals and not any(k in study.counterfactuals for k in DEVICE_KINDS)
+    assert "no_effusion" in study.counterfactuals
+    assert not any(f"no_{k}" in study.counterfactuals for k in DEVICE_KINDS)
     difference = np.abs(study.log_image - study.counterfactuals["no_effusion"][1])
     near = ndimage.binary_dilation(study.masks["fluid"], iterations=3)
     visible = difference > 0.02
@@ -193,7 +194,8 @@ def test_effusion_counterfactual_removes_only_the_fluid():
 def test_breast_counterfactual_removes_only_the_breasts():
     """The sex task's sign: a female study rendered without its breasts differs from it near the
     breast mask (threshold 5 mm of tissue; the thinner margin changes the image a little)."""
-    config = DemoCohortConfig(n=12, size=64, seed=1, counterfactuals=True, render={"n_points": 48, "device": "cpu"})
+    config = DemoCohortConfig(n=12, size=64, seed=1, counterfactuals=True,
+                              render={"n_points": 48, "device": "cpu"})
     plan = max((p for p in plan_cohort(config) if p.sex == "F"), key=lambda p: p.breast_size)
     study = DemoScene(config).render(plan)
     assert "no_breast" in study.counterfactuals and study.masks["breast"].any()
