@@ -47,7 +47,9 @@ Scores, over the test studies of every run:
   of the lung field), the map's RMA beside it
   (``*_map`` columns);
 - reliance tracking: Spearman between the emphasis and R across runs (levels x seeds), per device,
-  pooled over both devices, and for the finding (NaN with fewer than 3 points);
+  pooled over both devices, and for the finding (NaN with fewer than 3 points); the
+  ``tracking_*_log_odds`` columns use R on the log-odds scale instead (``reliance_log_odds``), which
+  still moves for a classifier whose P has saturated at 1 on every study;
 - sanity (MPRT-style, full randomisation): mean over test studies of the Spearman rank correlation
   between the trained and the randomised classifier's map (1 = the explanation ignores the model);
 - cost: seconds per test study. Saliency maps: explain's own timing per batch. SimpleBits: the whole
@@ -404,11 +406,14 @@ def emphasis_points(per_study: pd.DataFrame, reliance: dict[str, pd.DataFrame], 
 
     rows = []
     for (run, method), g in per_study.groupby(["run", "method"], sort=False):
-        r = reliance[run].set_index("feature")["reliance"]
+        summary = reliance[run].set_index("feature")
+        r = summary["reliance"]
+        rz = summary["reliance_log_odds"] if "reliance_log_odds" in summary else pd.Series(dtype=float)
         row = {"run": run, "level": g["level"].iloc[0], "seed": g["seed"].iloc[0], "method": method}
         for feature, mask in (*((d, d) for d in DEVICES), (finding.feature, finding.mask)):
             have = g[f"has_{mask}"].to_numpy(dtype=bool)
             row[f"R_{feature}"] = float(r.get(feature, math.nan))
+            row[f"Rz_{feature}"] = float(rz.get(feature, math.nan))
             row[f"emphasis_{feature}_map"] = finite_mean(g.loc[have, f"rma_{mask}"])
             if f"retention_{mask}" in g and g[f"retention_{mask}"].notna().any():
                 row[f"emphasis_{feature}"] = finite_mean(g.loc[have, f"retention_{mask}"])
@@ -436,6 +441,9 @@ def summary_table(per_study: pd.DataFrame, points: pd.DataFrame, seconds: dict[s
             for feature in (*DEVICES, finding.feature):
                 rho, n = tracking_spearman(p[f"emphasis_{feature}{suffix}"], p[f"R_{feature}"])
                 row[f"tracking_{feature}{suffix}"], row[f"tracking_n_{feature}"] = rho, n
+                # against R on the log-odds scale, which a saturated classifier's R on P cannot show
+                row[f"tracking_{feature}{suffix}_log_odds"] = tracking_spearman(
+                    p[f"emphasis_{feature}{suffix}"], p[f"Rz_{feature}"])[0]
             emphasis = np.concatenate([p[f"emphasis_{d}{suffix}"] for d in DEVICES])
             rel = np.concatenate([p[f"R_{d}"] for d in DEVICES])
             row[f"tracking_devices_pooled{suffix}"], row["tracking_n_devices_pooled"] = tracking_spearman(emphasis, rel)
@@ -457,6 +465,13 @@ def print_table(table: pd.DataFrame, points: pd.DataFrame, finding: Finding) -> 
     def cell(v: float) -> str:
         return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.3f}"
 
+    print("\nreliance on the log-odds scale per run: " + "; ".join(
+        f"{r['run']}: drain {r['Rz_chest_drain']:.2f}, ecg {r['Rz_ecg']:.2f}, "
+        f"{finding.feature} {r[f'Rz_{finding.feature}']:.2f}"
+        for _, r in points.drop_duplicates("run").iterrows()))
+    print("tracking against it (drain / ecg / finding): " + "; ".join(
+        f"{r.method} {cell(r.tracking_chest_drain_log_odds)} / {cell(r.tracking_ecg_log_odds)} / "
+        f"{cell(r[f'tracking_{finding.feature}_log_odds'])}" for _, r in table.iterrows()))
     print("\nreliance R per run (test split): " + "; ".join(
         f"{r['run']}: drain {r['R_chest_drain']:.3f}, ecg {r['R_ecg']:.3f}, "
         f"{finding.feature} {r[f'R_{finding.feature}']:.3f}"

@@ -156,10 +156,11 @@ def test_reliance_is_zero_for_a_blind_classifier_and_positive_for_one_that_sees_
     blind = summarise_reliance(reliance_table(cohort, tmp_path / "ingest", _Blind(), split=None))
     assert set(seeing.feature) == ({"ecg", "pacemaker"} | ({"effusion"} if truth.effusion.any() else set())
                                    | ({"breast"} if truth.breast_size.gt(0).any() else set()))
-    assert (blind.reliance == 0).all()
+    assert (blind.reliance == 0).all() and (blind.reliance_log_odds == 0).all()
     devices = seeing.set_index("feature").loc[["ecg", "pacemaker"]]
     assert (devices.n == 3).all()
     assert (devices.reliance > 0.005).all() and (devices["shift"] > 0).all()
+    assert (devices.reliance_log_odds > 0).all()
 
     # the command: a TorchScript classifier file, loaded as simplebits apply loads one
     from pipeline.cli import main
@@ -170,6 +171,19 @@ def test_reliance_is_zero_for_a_blind_classifier_and_positive_for_one_that_sees_
     assert code == 0
     from_cli = summarise_reliance(pd.read_csv(tmp_path / "reliance.csv")).set_index("feature").reliance
     np.testing.assert_allclose(from_cli, seeing.set_index("feature").reliance, rtol=1e-5)
+
+
+def test_log_odds_reliance_sees_a_saturated_classifier():
+    """P = 1.0 in float32 for every input, yet the feature moves the log-odds by 10: reliance on
+    probabilities reads 0, on log-odds 10."""
+    from pipeline.data.demo.reliance import summarise_reliance
+
+    table = pd.DataFrame({"study_id": ["a", "b"], "feature": ["ecg", "ecg"], "p": [1.0, 1.0],
+                          "p_without": [1.0, 1.0], "log_odds": [40.0, 50.0], "log_odds_without": [30.0, 40.0]})
+    summary = summarise_reliance(table).set_index("feature")
+    assert summary.loc["ecg", "reliance"] == 0 and summary.loc["ecg", "reliance_log_odds"] == 10
+    old = summarise_reliance(table[["study_id", "feature", "p", "p_without"]])  # a CSV from before
+    assert "reliance_log_odds" not in old
 
 
 def test_effusion_counterfactual_removes_only_the_fluid():
