@@ -11,9 +11,11 @@ from pipeline.classifier_args import adapter_overrides, add_classifier_arguments
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "reliance",
-        help="measure a classifier's reliance on each device and on the effusion by rendering them away",
+        help="measure a classifier's reliance on each device, the effusion and the breasts by rendering "
+        "them away",
         description="R = mean |P(x) - P(x without the feature)| over the studies of one split that have "
-        "the feature, from a demo cohort rendered with --counterfactuals.",
+        "the feature, from a demo cohort rendered with --counterfactuals; also on the log-odds scale "
+        "(reliance_log_odds), which still moves where P has saturated at 0 or 1.",
     )
     parser.add_argument("--cohort", type=Path, required=True,
                         help="demo cohort folder (simplebits demo-cohort --counterfactuals)")
