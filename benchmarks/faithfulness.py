@@ -319,7 +319,7 @@ def score_run(run: Run, preset: Preset, prior, task: str) -> tuple[pd.DataFrame,
     from pipeline.simplebits.evaluate import distractor_retention, sign_retention
 
     f = run.folder
-    finding = FINDINGS[task].mask
+    finding_mask = FINDINGS[task].mask
     cohort = load_cohort(f / "ingest", split="test", task=task)
     ids, labels = cohort.study_ids, cohort.labels(task).numpy()
     originals = cohort.images.load()
@@ -378,8 +378,8 @@ def score_run(run: Run, preset: Preset, prior, task: str) -> tuple[pd.DataFrame,
         for i, sid in enumerate(ids):
             a, m = by_suffix[""][i], masks[i]
             row = {"run": run.name, "level": run.level, "seed": run.seed, "method": method, "study_id": sid,
-                   "label": int(labels[i]), **{f"has_{k}": bool(m[k].any()) for k in (finding, *DEVICES, "devices")}}
-            for key in (finding, "devices", *DEVICES):
+                   "label": int(labels[i]), **{f"has_{k}": bool(m[k].any()) for k in (finding_mask, *DEVICES, "devices")}}
+            for key in (finding_mask, "devices", *DEVICES):
                 row[f"rma_{key}"] = relevance_mass_accuracy(a, m[key]) if m[key].any() else math.nan
                 row[f"iou_{key}"] = area_matched_iou(a, m[key]) if m[key].any() else math.nan
             if method in images:  # a simplifier: ground-truth retention (kept contrast in the mask)
@@ -387,8 +387,9 @@ def score_run(run: Run, preset: Preset, prior, task: str) -> tuple[pd.DataFrame,
                 for key in DEVICES:
                     row[f"retention_{key}"] = distractor_retention(x[i], out, m[key]) if m[key].any() else math.nan
                 # the finding's contrast against the rest of the lung field, kept
-                row[f"retention_{finding}"] = (sign_retention(x[i], out, m[finding], m["lung"]) if m[finding].any()
-                                               else math.nan)
+                row[f"retention_{finding_mask}"] = (sign_retention(x[i], out, m[finding_mask], m["lung"])
+                                                    if m[finding_mask].any()
+                                                    else math.nan)
             if "-random" in by_suffix:
                 row["sanity_rank_correlation"] = map_rank_correlation(a, by_suffix["-random"][i])
             rows.append(row)
